@@ -1,0 +1,101 @@
+"""The data contract between input pipelines and the model.
+
+Everything that reaches the model is a flat dict of arrays (a "batch"); everything on the
+host side is one of the dataclasses below. Keeping the contract in one file lets the synthetic
+generator, the MovieLens builder and the Grain pipeline agree without importing each other.
+
+Item ids and user ids are dense: 0..num_items-1 and 0..num_users-1. Whether an id has a learned
+embedding is a separate boolean (``*_has_id``), so a cold item or user is just a row whose flag
+is False -- there is no magic "unknown" id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Order of the content modalities everywhere (presence columns, fusion sources, configs).
+MODALITIES: tuple[str, ...] = ("text", "image", "video")
+
+# Keys of a training batch, with dtype and shape (B = batch, L = history length,
+# Lt = text length, H/W = image size, T = video frames, M = len(MODALITIES)).
+TRAIN_BATCH_SPEC: dict[str, tuple[str, str]] = {
+    "user_id": ("int32", "[B]"),
+    "user_has_id": ("bool", "[B]"),
+    "history": ("int32", "[B, L]"),          # item ids of the user's previous items, most recent last
+    "history_mask": ("bool", "[B, L]"),
+    "item_id": ("int32", "[B]"),             # the positive (target) item
+    "item_has_id": ("bool", "[B]"),
+    "log_q": ("float32", "[B]"),             # log sampling probability of item_id (logQ correction)
+    "text_ids": ("int32", "[B, Lt]"),        # content of the positive item
+    "text_mask": ("bool", "[B, Lt]"),
+    "image": ("uint8", "[B, H, W, 3]"),
+    "video": ("uint8", "[B, T, H, W, 3]"),
+    "presence": ("bool", "[B, M]"),          # which modalities the positive item has
+    "example_mask": ("bool", "[B]"),         # False on padding rows of a partial batch
+}
+
+
+@dataclasses.dataclass
+class Catalogue:
+  """Host-side content of every item; row i belongs to item i.
+
+  A modality that a data set does not have at all (video for MovieLens) is None;
+  a modality that one item lacks has presence False and zeros in its row.
+  """
+
+  text_ids: np.ndarray | None      # [N, Lt] int32, 0 = padding
+  text_mask: np.ndarray | None     # [N, Lt] bool
+  image: np.ndarray | None         # [N, H, W, 3] uint8
+  video: np.ndarray | None         # [N, T, H, W, 3] uint8
+  presence: np.ndarray             # [N, M] bool, columns in MODALITIES order
+  has_id: np.ndarray               # [N] bool: item has a trained ID embedding (seen in training)
+
+  @property
+  def num_items(self) -> int:
+    return int(self.presence.shape[0])
+
+  def content(self, item_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Content arrays of ``item_ids`` under their batch keys (absent modalities omitted)."""
+    out = {"presence": self.presence[item_ids], "item_has_id": self.has_id[item_ids]}
+    for key in ("text_ids", "text_mask", "image", "video"):
+      value = getattr(self, key)
+      if value is not None:
+        out[key] = value[item_ids]
+    return out
+
+
+@dataclasses.dataclass
+class Interactions:
+  """A set of (user, item) events; parallel 1-D arrays."""
+
+  user: np.ndarray        # int32
+  item: np.ndarray        # int32
+  timestamp: np.ndarray   # int64, larger = later
+  rating: np.ndarray      # float32 (1.0 for implicit data)
+
+  def __len__(self) -> int:
+    return int(self.user.shape[0])
+
+  def select(self, keep: np.ndarray) -> "Interactions":
+    return Interactions(self.user[keep], self.item[keep], self.timestamp[keep], self.rating[keep])
+
+
+@dataclasses.dataclass
+class RecDataset:
+  """One split of a data set, ready for training and evaluation.
+
+  ``train`` holds the positives the model learns from (and, in time order, each user's history);
+  ``valid``/``test`` hold held-out positives. ``cold_items`` are items with no training
+  interaction: they are scored from content alone.
+  """
+
+  catalogue: Catalogue
+  num_users: int
+  train: Interactions
+  valid: Interactions
+  test: Interactions
+  cold_items: np.ndarray                  # int32 item ids never seen in training
+  user_has_id: np.ndarray                 # [num_users] bool: user has a trained ID embedding
+  name: str = ""
