@@ -1,0 +1,241 @@
+"""Turns a RecDataset into model inputs: training batches and evaluation inputs.
+
+Shared by every data source (synthetic, MovieLens). Everything here is vectorised numpy so it
+can run inside Grain workers without importing JAX.
+
+A training example is one train interaction (the positive) together with the user's history:
+the user's train items with a strictly earlier timestamp, most recent last. Interactions that
+share a timestamp are not in each other's history, because their true order is unknown and
+letting one see the other would leak the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from recfusion_jax.data.types import TRAIN_BATCH_SPEC, Interactions, RecDataset
+
+# Items never seen as a train positive get this share of one observation when computing the
+# logQ sampling probability, so log_q stays finite (they are never in-batch negatives anyway).
+LOG_Q_FLOOR_COUNT = 0.1
+
+# Padding value for item-id lists (train_items_of / heldout_items_of).
+PAD_ITEM = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainExampleIndex:
+  """Train interactions sorted by (user, timestamp), with each one's history range.
+
+  Example ``e`` is the ``e``-th interaction in that order. Its history is
+  ``item[hist_start[e]:hist_end[e]]`` (the user's strictly earlier train items); callers keep
+  the last ``history_len`` of them.
+  """
+
+  user: np.ndarray         # [E] int32
+  item: np.ndarray         # [E] int32
+  timestamp: np.ndarray    # [E] int64
+  hist_start: np.ndarray   # [E] int64: first position of the user's train items
+  hist_end: np.ndarray     # [E] int64: first position with the example's (user, timestamp)
+  user_start: np.ndarray   # [num_users] int64: the user's train items are
+  user_end: np.ndarray     # [num_users] int64: item[user_start[u]:user_end[u]], time ordered
+
+  @property
+  def num_examples(self) -> int:
+    return int(self.user.shape[0])
+
+  @classmethod
+  def build(cls, dataset: RecDataset) -> "TrainExampleIndex":
+    """Indexes ``dataset.train``; O(E log E) vectorised numpy."""
+    train = dataset.train
+    _check_interactions(train, dataset.num_users, dataset.catalogue.num_items, "train")
+    # Stable sort: equal (user, timestamp) keep input order, which only matters for eval.
+    order = np.lexsort((train.timestamp, train.user))
+    user = train.user[order].astype(np.int32)
+    item = train.item[order].astype(np.int32)
+    timestamp = train.timestamp[order].astype(np.int64)
+    positions = np.arange(user.size, dtype=np.int64)
+    new_user = np.r_[True, user[1:] != user[:-1]]
+    new_time = new_user | np.r_[True, timestamp[1:] != timestamp[:-1]]
+    # Running maximum of group-start positions = start of the current group, per row.
+    hist_start = np.maximum.accumulate(np.where(new_user, positions, 0))
+    hist_end = np.maximum.accumulate(np.where(new_time, positions, 0))
+    users = np.arange(dataset.num_users)
+    user_start = np.searchsorted(user, users, side="left").astype(np.int64)
+    user_end = np.searchsorted(user, users, side="right").astype(np.int64)
+    return cls(user=user, item=item, timestamp=timestamp, hist_start=hist_start,
+               hist_end=hist_end, user_start=user_start, user_end=user_end)
+
+  def history(self, example_ids: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """([B, L] int32 item ids, [B, L] bool mask), left-padded, most recent last."""
+    return _window(self.item, self.hist_start[example_ids], self.hist_end[example_ids],
+                   history_len)
+
+  def user_history(self, users: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """The last ``history_len`` train items of each user (the whole train history)."""
+    return _window(self.item, self.user_start[users], self.user_end[users], history_len)
+
+
+def _window(values: np.ndarray, start: np.ndarray, end: np.ndarray,
+            length: int) -> tuple[np.ndarray, np.ndarray]:
+  """values[max(start, end - length):end] per row, right-aligned in a [B, length] array."""
+  if length < 1:
+    raise ValueError(f"history_len must be >= 1, got {length}")
+  positions = end[:, None] - length + np.arange(length)[None, :]
+  mask = positions >= start[:, None]
+  # Padding slots point at a valid row; their value is then zeroed.
+  out = values[np.where(mask, positions, 0)] if values.size else np.zeros(mask.shape, np.int32)
+  return np.where(mask, out, 0).astype(np.int32), mask
+
+
+def _check_interactions(interactions: Interactions, num_users: int, num_items: int,
+                        name: str):
+  n = len(interactions)
+  for field in ("item", "timestamp", "rating"):
+    if getattr(interactions, field).shape != (n,):
+      raise ValueError(f"{name}.{field} must have shape ({n},), "
+                       f"got {getattr(interactions, field).shape}")
+  if n and (interactions.user.min() < 0 or interactions.user.max() >= num_users):
+    raise ValueError(f"{name}.user out of range [0, {num_users})")
+  if n and (interactions.item.min() < 0 or interactions.item.max() >= num_items):
+    raise ValueError(f"{name}.item out of range [0, {num_items})")
+
+
+def item_log_q(dataset: RecDataset) -> np.ndarray:
+  """[N] float32 log of each item's frequency among train positives.
+
+  This is the probability that an in-batch negative is that item (logQ correction). Items with
+  no train positive get ``LOG_Q_FLOOR_COUNT`` of one observation, then all are renormalised so
+  ``exp(log_q)`` sums to 1.
+  """
+  num_items = dataset.catalogue.num_items
+  if len(dataset.train) == 0:
+    raise ValueError("item_log_q needs at least one train interaction")
+  counts = np.bincount(dataset.train.item, minlength=num_items).astype(np.float64)
+  counts = np.where(counts > 0, counts, LOG_Q_FLOOR_COUNT)
+  return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def make_train_batch(dataset: RecDataset, index: TrainExampleIndex, example_ids: np.ndarray,
+                     history_len: int, log_q: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+  """Gathers a training batch with the TRAIN_BATCH_SPEC keys for ``example_ids``.
+
+  ``example_ids`` holds at most ``batch_size`` ids in [0, index.num_examples) or -1; -1 entries
+  and the rows past ``len(example_ids)`` are padding: example_mask False, every other field
+  zero/False. Content keys whose catalogue field is None are omitted.
+  """
+  example_ids = np.asarray(example_ids)
+  if example_ids.ndim != 1 or not np.issubdtype(example_ids.dtype, np.integer):
+    raise ValueError(f"example_ids must be a 1-D integer array, got {example_ids.dtype} "
+                     f"{example_ids.shape}")
+  if example_ids.size > batch_size:
+    raise ValueError(f"{example_ids.size} example ids do not fit batch_size={batch_size}")
+  if example_ids.size and (example_ids.min() < -1 or example_ids.max() >= index.num_examples):
+    raise ValueError(f"example ids must be in [0, {index.num_examples}) or -1 (padding)")
+  if log_q.shape != (dataset.catalogue.num_items,):
+    raise ValueError(f"log_q must have shape ({dataset.catalogue.num_items},), "
+                     f"got {log_q.shape}")
+  valid = np.zeros(batch_size, dtype=bool)
+  valid[:example_ids.size] = example_ids >= 0
+  ids = np.zeros(batch_size, dtype=np.int64)
+  ids[:example_ids.size] = np.maximum(example_ids, 0)
+
+  user = index.user[ids]
+  item = index.item[ids]
+  history, history_mask = index.history(ids, history_len)
+  batch = {
+      "user_id": user,
+      "user_has_id": dataset.user_has_id[user],
+      "history": history,
+      "history_mask": history_mask,
+      "item_id": item,
+      "log_q": log_q[item],
+      "example_mask": valid,
+  }
+  batch.update(dataset.catalogue.content(item))
+  if not valid.all():
+    # Padding rows would otherwise carry example 0's data; zero them so no consumer can use it.
+    for key, value in batch.items():
+      if key != "example_mask":
+        value[~valid] = 0
+  return {key: batch[key].astype(TRAIN_BATCH_SPEC[key][0], copy=False)
+          for key in TRAIN_BATCH_SPEC if key in batch}
+
+
+class TrainBatchFn:
+  """Picklable ``example_ids -> batch`` callable for Grain (workers are spawned processes)."""
+
+  def __init__(self, dataset: RecDataset, index: TrainExampleIndex, history_len: int,
+               log_q: np.ndarray, batch_size: int):
+    self.dataset = dataset
+    self.index = index
+    self.history_len = history_len
+    self.log_q = log_q
+    self.batch_size = batch_size
+
+  def __call__(self, example_ids: np.ndarray) -> dict[str, np.ndarray]:
+    return make_train_batch(self.dataset, self.index, example_ids, self.history_len,
+                            self.log_q, self.batch_size)
+
+
+def user_eval_inputs(dataset: RecDataset, users: np.ndarray, history_len: int,
+                     index: TrainExampleIndex | None = None) -> dict[str, np.ndarray]:
+  """User-side inputs for ranking: user_id, user_has_id, history, history_mask.
+
+  The history is each user's last ``history_len`` train items, most recent last. Pass
+  ``index`` to reuse an already built TrainExampleIndex.
+  """
+  users = _check_users(users, dataset.num_users)
+  index = TrainExampleIndex.build(dataset) if index is None else index
+  history, history_mask = index.user_history(users, history_len)
+  return {
+      "user_id": users.astype(np.int32),
+      "user_has_id": dataset.user_has_id[users],
+      "history": history,
+      "history_mask": history_mask,
+  }
+
+
+def train_items_of(dataset: RecDataset, users: np.ndarray) -> np.ndarray:
+  """[len(users), max_count] int32 distinct train items per user (to exclude), -1 padded."""
+  return _padded_items(dataset.train, users, dataset.num_users)
+
+
+def heldout_items_of(interactions: Interactions, users: np.ndarray,
+                     num_users: int | None = None) -> np.ndarray:
+  """[len(users), max_count] int32 distinct items of ``interactions`` per user, -1 padded."""
+  if num_users is None:
+    num_users = int(max(np.max(users, initial=-1), np.max(interactions.user, initial=-1))) + 1
+  return _padded_items(interactions, users, num_users)
+
+
+def _check_users(users: np.ndarray, num_users: int) -> np.ndarray:
+  users = np.asarray(users)
+  if users.ndim != 1 or not np.issubdtype(users.dtype, np.integer):
+    raise ValueError(f"users must be a 1-D integer array, got {users.dtype} {users.shape}")
+  if users.size and (users.min() < 0 or users.max() >= num_users):
+    raise ValueError(f"user ids must be in [0, {num_users})")
+  return users.astype(np.int64)
+
+
+def _padded_items(interactions: Interactions, users: np.ndarray, num_users: int) -> np.ndarray:
+  users = _check_users(users, num_users)
+  if np.unique(users).size != users.size:
+    raise ValueError("users must not contain duplicates")
+  row_of_user = np.full(num_users, -1, dtype=np.int64)
+  row_of_user[users] = np.arange(users.size)
+  inter_user = interactions.user.astype(np.int64)
+  if inter_user.size and (inter_user.min() < 0 or inter_user.max() >= num_users):
+    raise ValueError(f"interaction user ids must be in [0, {num_users})")
+  rows = row_of_user[inter_user]
+  keep = rows >= 0
+  # Distinct (row, item) pairs, sorted by row then item.
+  pairs = np.unique((rows[keep] << 32) | interactions.item[keep].astype(np.int64))
+  rows, items = pairs >> 32, pairs & 0xFFFFFFFF
+  counts = np.bincount(rows, minlength=users.size)
+  out = np.full((users.size, max(1, int(counts.max(initial=0)))), PAD_ITEM, dtype=np.int32)
+  starts = np.cumsum(counts) - counts
+  out[rows, np.arange(rows.size) - starts[rows]] = items
+  return out

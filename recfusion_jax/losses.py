@@ -1,0 +1,86 @@
+"""Losses, as pure functions of arrays (no model state), each tested against NumPy.
+
+All of them take the GLOBAL batch: under ``jax.jit`` with the batch sharded over the mesh, the
+[B, B] logits span every device, so each example's negatives are the positives of all devices.
+
+Masked entries use a large finite negative instead of -inf so that gradients stay finite.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e9
+
+
+def _row_cross_entropy(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+  """-log softmax(logits)[r, r] over allowed columns, per row r."""
+  logits = jnp.where(allowed, logits, _MASKED)
+  return jax.nn.logsumexp(logits, axis=1) - jnp.diagonal(logits)
+
+
+def _masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
+  valid = valid.astype(values.dtype)
+  return jnp.sum(values * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+
+
+def sampled_softmax_loss(logits: jax.Array, item_ids: jax.Array, log_q: jax.Array,
+                         valid: jax.Array) -> jax.Array:
+  """In-batch sampled softmax with logQ correction and accidental-hit masking.
+
+  Args:
+    logits: [B, B]; row r = user of example r, column c = positive item of example c.
+    item_ids: [B] item of each column.
+    log_q: [B] log sampling probability of each column's item. In-batch negatives are drawn in
+      proportion to popularity; subtracting log q (Yi et al., RecSys 2019) removes that bias.
+    valid: [B] False for padding rows/columns.
+
+  Returns:
+    Mean over valid rows of -log softmax(corrected logits)[r, r], where columns holding the
+    row's own item at another position (accidental hits) and invalid columns are excluded.
+  """
+  corrected = logits - log_q[None, :]
+  eye = jnp.eye(logits.shape[0], dtype=bool)
+  accidental = (item_ids[:, None] == item_ids[None, :]) & ~eye
+  allowed = valid[None, :] & ~accidental
+  return _masked_mean(_row_cross_entropy(corrected, allowed), valid)
+
+
+def info_nce(a: jax.Array, b: jax.Array, valid: jax.Array, item_ids: jax.Array,
+             inverse_temperature: jax.Array | float) -> jax.Array:
+  """Symmetric InfoNCE between paired unit vectors a[i] <-> b[i].
+
+  Rows/columns with ``valid`` False (a modality missing, padding) take no part; pairs of the
+  same item at two batch positions are not used as negatives of each other.
+  """
+  logits = (a @ b.T) * inverse_temperature
+  eye = jnp.eye(a.shape[0], dtype=bool)
+  allowed = valid[None, :] & ~((item_ids[:, None] == item_ids[None, :]) & ~eye)
+  a_to_b = _masked_mean(_row_cross_entropy(logits, allowed), valid)
+  b_to_a = _masked_mean(_row_cross_entropy(logits.T, allowed.T), valid)
+  return 0.5 * (a_to_b + b_to_a)
+
+
+def cross_modal_loss(emb: jax.Array, presence: jax.Array, item_ids: jax.Array,
+                     valid: jax.Array, inverse_temperature: jax.Array | float) -> jax.Array:
+  """Mean of ``info_nce`` over every pair of modalities, each on the items that have both.
+
+  emb [B, M, d] unit vectors, presence [B, M]. A pair with no item in the batch that has both
+  modalities contributes nothing (and is not counted in the mean). Returns 0 for M < 2.
+  """
+  total, count = jnp.zeros(()), jnp.zeros(())
+  for m, n in itertools.combinations(range(emb.shape[1]), 2):
+    both = presence[:, m] & presence[:, n] & valid
+    has_pairs = jnp.any(both).astype(jnp.float32)
+    total += has_pairs * info_nce(emb[:, m], emb[:, n], both, item_ids, inverse_temperature)
+    count += has_pairs
+  return total / jnp.maximum(count, 1.0)
+
+
+def total_loss(rec_loss: jax.Array, contrastive_loss: jax.Array,
+               contrastive_weight: float) -> jax.Array:
+  """rec + lambda * contrastive (lambda = 0 is the no-contrastive ablation)."""
+  return rec_loss + contrastive_weight * contrastive_loss

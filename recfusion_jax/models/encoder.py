@@ -1,0 +1,122 @@
+"""The unified content encoder: modality stems -> ONE shared trunk -> pooling -> projection.
+
+Every modality's tokens go through the same Transformer (``unified=True``), tagged by a learned
+modality-type embedding; ``unified=False`` builds one trunk per modality instead (the ablation,
+and the layout for two-tower checkpoints such as CLIP). Each item's modalities are encoded as
+separate sequences: they have different lengths, and packing them into one sequence would make
+attention cost grow with the product instead of the sum.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recfusion_jax.data.types import MODALITIES
+from recfusion_jax.models import stems
+from recfusion_jax.models.transformer import Trunk
+
+POOLINGS = ("cls", "mean", "eos")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """Unit vectors; the eps keeps an all-zero row (absent content) at zero instead of NaN."""
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
+  """[B, N, W] -> [B, W]: first token, masked mean (sentence-transformers) or last valid token."""
+  if how == "cls":
+    return hidden[:, 0]
+  if how == "mean":
+    weights = mask.astype(hidden.dtype)[..., None]
+    return jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+  if how == "eos":  # CLIP text: the end-of-text token is the last unpadded position
+    last = jnp.maximum(jnp.sum(mask, axis=1) - 1, 0)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+  raise ValueError(f"unknown pooling {how!r}; choose from {POOLINGS}")
+
+
+class ContentEncoder(nnx.Module):
+  """Maps an item's content to unit vectors, one per modality, in one embedding space."""
+
+  def __init__(self, cfg: Mapping[str, Any], modalities: tuple[str, ...], embed_dim: int, *,
+               rngs: nnx.Rngs):
+    unknown = set(modalities) - set(MODALITIES)
+    if unknown:
+      raise ValueError(f"unknown modalities {sorted(unknown)}; known: {MODALITIES}")
+    self.modalities = tuple(m for m in MODALITIES if m in modalities)
+    self.unified = bool(cfg.unified)
+    width, common = cfg.width, dict(ln_eps=cfg.ln_eps, dropout=cfg.dropout, rngs=rngs)
+    self.pooling = {m: cfg[m].pooling for m in self.modalities}
+    self.causal = {m: bool(cfg[m].get("causal", False)) for m in self.modalities}
+    for m, how in self.pooling.items():
+      if how not in POOLINGS:
+        raise ValueError(f"encoder.{m}.pooling={how!r}; choose from {POOLINGS}")
+
+    t, i, v = cfg.text, cfg.image, cfg.video
+    self.text_stem = stems.TextStem(
+        vocab_size=t.vocab_size, max_len=t.max_len, width=width,
+        type_vocab_size=t.type_vocab_size, stem_norm=t.stem_norm, **common,
+    ) if "text" in self.modalities else None
+    self.image_stem = stems.ImageStem(
+        image_size=i.size, patch_size=i.patch, channels=3, width=width,
+        patch_bias=i.patch_bias, pre_norm=i.pre_norm, **common,
+    ) if "image" in self.modalities else None
+    self.video_stem = stems.VideoStem(
+        num_frames=v.frames, image_size=v.size, tubelet_frames=v.tubelet_frames,
+        patch_size=v.patch, channels=3, width=width, dropout=cfg.dropout, rngs=rngs,
+    ) if "video" in self.modalities else None
+
+    def make_trunk():
+      return Trunk(width=width, depth=cfg.depth, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
+                   pre_ln=cfg.pre_ln, ln_eps=cfg.ln_eps, activation=cfg.activation,
+                   dropout=cfg.dropout, rngs=rngs)
+
+    self.trunk = make_trunk() if self.unified else None
+    self.towers = None if self.unified else nnx.Dict({m: make_trunk() for m in self.modalities})
+    # Zero-initialised so a trunk imported from BERT/ViT sees exactly its pretraining inputs at
+    # step 0; training then learns how to tell the modalities apart.
+    self.modality_embeddings = nnx.Param(jnp.zeros((len(MODALITIES), width)))
+    self.projections = nnx.Dict(
+        {m: nnx.Linear(width, embed_dim, rngs=rngs) for m in self.modalities})
+
+  def trunk_for(self, modality: str) -> Trunk:
+    return self.trunk if self.unified else self.towers[modality]
+
+  def stem_tokens(self, modality: str, content: Mapping[str, jax.Array]):
+    if modality == "text":
+      return self.text_stem(content["text_ids"], content["text_mask"])
+    if modality == "image":
+      return self.image_stem(content["image"])
+    return self.video_stem(content["video"])
+
+  def hidden_states(self, modality: str, content: Mapping[str, jax.Array]):
+    """Trunk output [B, N, width] and token mask for one modality (used by the converter tests)."""
+    tokens, mask = self.stem_tokens(modality, content)
+    tokens = tokens + self.modality_embeddings[MODALITIES.index(modality)]
+    return self.trunk_for(modality)(tokens, mask, self.causal[modality]), mask
+
+  def pooled(self, modality: str, content: Mapping[str, jax.Array]) -> jax.Array:
+    hidden, mask = self.hidden_states(modality, content)
+    return pool(hidden, mask, self.pooling[modality])
+
+  def __call__(self, content: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Returns (embeddings [B, M, d] unit norm, zero where absent; presence [B, M] bool).
+
+    M counts this encoder's modalities in MODALITIES order. Absent modalities are still run
+    through the network (static shapes under jit) and then masked out.
+    """
+    missing = [m for m in self.modalities
+               if ("text_ids" if m == "text" else m) not in content]
+    if missing:
+      raise KeyError(f"batch has no content for modalities {missing} that the model encodes")
+    presence = jnp.stack(
+        [content["presence"][:, MODALITIES.index(m)] for m in self.modalities], axis=1)
+    embeddings = jnp.stack(
+        [l2_normalize(self.projections[m](self.pooled(m, content))) for m in self.modalities],
+        axis=1)
+    return embeddings * presence[..., None].astype(embeddings.dtype), presence.astype(bool)

@@ -1,0 +1,254 @@
+"""The training loop: config -> data -> sharded model -> steps -> checkpoints -> evaluation.
+
+One readable loop, in order:
+  1. data set and Grain iterator (each process reads its own share of the examples);
+  2. model + optimizer, split into (graphdef, state); the state is put on the mesh by the rules
+     in ``sharding.py``; a checkpoint, if any, is restored straight onto those shardings;
+  3. the jitted train step with explicit in/out shardings and the state donated;
+  4. every ``log_every`` steps: each loss term, learning rate, examples/s to console + file;
+     every ``cache_refresh_every`` steps: re-encode the whole catalogue into the item cache;
+     every ``checkpoint_every`` steps and at the end: an asynchronous Orbax checkpoint;
+  5. full-ranking evaluation of the final model on the held-out interactions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from recfusion_jax import checkpointing, losses, sharding
+from recfusion_jax.data import examples, pipeline
+from recfusion_jax.data.types import RecDataset
+from recfusion_jax.models.recfusion import RecFusion, source_names
+from recfusion_jax.recommend import Recommender, chunked
+
+
+def load_dataset(config: ml_collections.ConfigDict) -> RecDataset:
+  """The RecDataset named by ``config.data.source``."""
+  if config.data.source == "synthetic":
+    from data_prep.synthetic import make_synthetic  # pylint: disable=import-outside-toplevel
+    return make_synthetic(seed=config.seed, **config.data.synthetic.to_dict())
+  if config.data.source == "movielens":
+    from recfusion_jax.data.movielens import load_movielens  # pylint: disable=import-outside-toplevel
+    return load_movielens(config.data.dir, config.data.protocol, seed=config.data.split_seed)
+  raise ValueError(f"unknown data.source {config.data.source!r}")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
+  """AdamW with linear warm-up + cosine decay and global-norm clipping; returns (tx, schedule)."""
+  o = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
+      decay_steps=max(num_steps, o.warmup_steps + 1), end_value=o.learning_rate * 0.01)
+  # Decay matrices only: decaying LayerNorm scales, biases and temperatures hurts more than helps.
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm),
+      optax.adamw(schedule, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+  return tx, schedule
+
+
+def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecFusion:
+  model = RecFusion(config.model, num_users=dataset.num_users,
+                    num_items=dataset.catalogue.num_items, rngs=nnx.Rngs(config.seed))
+  if config.get("init_from"):
+    from recfusion_jax.convert import load_pretrained_encoder  # pylint: disable=import-outside-toplevel
+    report = load_pretrained_encoder(model.encoder, config.init_from)
+    logging.info("initialised the encoder from %s: %s", config.init_from, report)
+  return model
+
+
+def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array],
+                   contrastive_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and everything the step reports (shared by the step and the tests)."""
+  out = model(batch)
+  valid = batch["example_mask"]
+  rec = losses.sampled_softmax_loss(out["logits"], batch["item_id"], batch["log_q"], valid)
+  contrastive = losses.cross_modal_loss(out["content_emb"], out["presence"], batch["item_id"],
+                                        valid, model.contrastive_inverse_temperature)
+  total = losses.total_loss(rec, contrastive, contrastive_weight)
+  w = valid.astype(jnp.float32)[:, None]
+  aux = {"rec_loss": rec, "contrastive_loss": contrastive, "total_loss": total,
+         "gate_weights": jnp.sum(out["gate_weights"] * w, 0) / jnp.maximum(jnp.sum(w), 1.0),
+         "content_emb": out["content_emb"], "presence": out["presence"]}
+  return total, aux
+
+
+def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array], *,
+               contrastive_weight: float, schedule) -> tuple[Any, dict[str, jax.Array]]:
+  """One optimisation step on the split (model, optimizer) state; pure, for ``jax.jit``."""
+  model, optimizer = nnx.merge(graphdef, state)
+  grad_fn = nnx.value_and_grad(compute_losses, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+  (_, aux), grads = grad_fn(model, batch, contrastive_weight)
+  optimizer.update(model, grads)
+  model.write_cache(batch["item_id"], aux.pop("content_emb"), aux.pop("presence"),
+                    batch["example_mask"])
+  aux["grad_norm"] = optax.tree.norm(grads)
+  aux["learning_rate"] = schedule(optimizer.step[...] - 1)
+  aux["temperature"] = 1.0 / model.inverse_temperature
+  return nnx.state((model, optimizer)), aux
+
+
+def jit_train_step(graphdef, state_shardings, mesh, *, contrastive_weight: float, schedule):
+  """``train_step`` compiled with explicit shardings; the old state's buffers are donated."""
+  step = functools.partial(train_step, graphdef, contrastive_weight=contrastive_weight,
+                           schedule=schedule)
+  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _refresh_cache_fn(graphdef):
+  """Jitted (state, content chunk) -> state with the chunk's encodings written to the cache."""
+
+  def refresh(state, chunk):
+    model, optimizer = nnx.merge(graphdef, state)
+    model.eval()  # no dropout: the cache holds what inference would compute
+    emb, presence = model.encode_content(chunk)
+    model.write_cache(chunk["item_id"], emb, presence, chunk["valid"])
+    model.train()
+    return nnx.state((model, optimizer))
+
+  return jax.jit(refresh, donate_argnums=0)
+
+
+def refresh_cache(refresh_fn, state, dataset: RecDataset, chunk: int) -> Any:
+  """Re-encodes the whole catalogue into the item cache (host loop over fixed-size chunks)."""
+  cat = dataset.catalogue
+  n = cat.num_items
+  for start in range(0, n, chunk):
+    ids = np.arange(start, start + chunk)
+    valid = ids < n
+    ids = np.where(valid, ids, 0)
+    content = cat.content(ids)
+    content = {k: v for k, v in content.items() if k != "item_has_id"}
+    content.update(item_id=ids.astype(np.int32), valid=valid)
+    state = refresh_fn(state, content)
+  return state
+
+
+class MetricsWriter:
+  """Console + JSON-lines metrics (process 0 writes, every process may log)."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = jax.process_index() == 0
+
+  def write(self, step: int, values: Mapping[str, Any]) -> None:
+    clean = {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in values.items()}
+    logging.info("step %d: %s", step, " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in clean.items()))
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, **clean}) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates the result."""
+  os.makedirs(workdir, exist_ok=True)
+  dataset = load_dataset(config)
+  logging.info("data %s: %d users, %d items, %d train / %d valid / %d test, %d cold items",
+               dataset.name, dataset.num_users, dataset.catalogue.num_items, len(dataset.train),
+               len(dataset.valid), len(dataset.test), len(dataset.cold_items))
+
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  if config.batch_size % (mesh.size) or config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.size} devices")
+  local_batch = config.batch_size // jax.process_count()
+  index = examples.TrainExampleIndex.build(dataset)
+  log_q = examples.item_log_q(dataset)
+  data_iter = pipeline.make_train_iterator(
+      dataset, batch_size=local_batch, history_len=config.model.user.history_len,
+      seed=config.seed, num_workers=config.data.num_workers, index=index, log_q=log_q)
+
+  model = create_model(config, dataset)
+  tx, schedule = make_optimizer(config, config.num_steps)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  state_shardings = sharding.state_shardings(state, mesh)
+  logging.info("state on mesh %s: %s", dict(mesh.shape), sharding.describe(state, state_shardings))
+  state = jax.device_put(state, state_shardings)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    save_every=config.checkpoint_every, keep=config.keep_checkpoints)
+  restored = ckpt.restore(checkpointing.abstract_like(state, state_shardings), data_iter)
+  start_step = 0
+  if restored is not None:
+    start_step, state = restored
+    logging.info("resumed from step %d", start_step)
+
+  step_fn = jit_train_step(graphdef, state_shardings, mesh,
+                           contrastive_weight=config.contrastive_weight, schedule=schedule)
+  refresh_fn = _refresh_cache_fn(graphdef)
+  writer = MetricsWriter(workdir)
+  names = source_names(model)
+  if start_step == 0:
+    state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
+
+  history: list[dict[str, Any]] = []
+  tick, tick_step = time.perf_counter(), start_step
+  for step in range(start_step + 1, config.num_steps + 1):
+    batch = pipeline.make_global_batch(next(data_iter), mesh)
+    state, metrics = step_fn(state, batch)
+    if step % config.cache_refresh_every == 0:
+      state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
+    if step % config.log_every == 0 or step == config.num_steps:
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      values = {k: v for k, v in metrics.items() if k != "gate_weights"}
+      values.update({f"gate/{n}": w for n, w in zip(names, metrics["gate_weights"])})
+      values["examples_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
+      writer.write(step, values)
+      history.append({"step": step, **{k: float(v) for k, v in values.items()}})
+      tick, tick_step = time.perf_counter(), step
+    ckpt.save(step, state, data_iter, force=step == config.num_steps)
+  ckpt.wait()
+  ckpt.close()
+
+  model, _ = nnx.merge(graphdef, state)
+  results = evaluate_model(model, dataset, config, mesh)
+  results["train_history"] = history
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+  logging.info("evaluation: %s", {k: v for k, v in results.items() if k != "train_history"})
+  return results
+
+
+def evaluate_model(model: RecFusion, dataset: RecDataset, config: ml_collections.ConfigDict,
+                   mesh=None, split: str = "test") -> dict[str, Any]:
+  """Full-ranking metrics on ``split``: warm items among the whole catalogue (training items
+  excluded) and cold items among the cold items only, scored from content alone."""
+  from recfusion_jax import evaluate  # pylint: disable=import-outside-toplevel
+
+  rec = Recommender(model, chunk=config.eval_block_size)
+  table = rec.item_table(dataset.catalogue)
+  heldout = getattr(dataset, split)
+  cold = np.zeros(dataset.catalogue.num_items, bool)
+  cold[dataset.cold_items] = True
+  out: dict[str, Any] = {"chance_HR@10_all": 10 / dataset.catalogue.num_items}
+  groups = {"warm": heldout.select(~cold[heldout.item]), "cold_items": heldout.select(cold[heldout.item])}
+  for name, part in groups.items():
+    if len(part) == 0:
+      continue
+    users = np.unique(part.user)
+    reps = rec.encode_users(examples.user_eval_inputs(dataset, users, config.model.user.history_len))
+    metrics = evaluate.evaluate_full_ranking(
+        rec.score_fn(), reps, table, examples.train_items_of(dataset, users),
+        examples.heldout_items_of(part, users, dataset.num_users), k=10,
+        block_size=config.eval_block_size, mesh=mesh,
+        candidate_items=dataset.cold_items if name == "cold_items" else None)
+    out[name] = metrics
+  if len(dataset.cold_items):
+    out["chance_HR@10_cold_items"] = min(1.0, 10 / len(dataset.cold_items))
+  return out

@@ -1,0 +1,208 @@
+"""Tests of training-example and evaluation-input construction."""
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+
+from data_prep.synthetic import make_synthetic
+from recfusion_jax.data import examples
+from recfusion_jax.data.types import TRAIN_BATCH_SPEC, Catalogue, Interactions, RecDataset
+
+HISTORY_LEN = 6
+
+
+@pytest.fixture(scope="module")
+def small() -> RecDataset:
+  return make_synthetic(num_items=60, num_users=15, num_topics=4, min_interactions=4,
+                        max_interactions=14, seed=1)
+
+
+def _dataset_from_events(events: list[tuple[int, int, int]], num_items: int = 10,
+                         num_users: int = 3) -> RecDataset:
+  """A tiny data set with only text content; events are (user, item, timestamp)."""
+  user, item, ts = (np.array(x) for x in zip(*events))
+  train = Interactions(user.astype(np.int32), item.astype(np.int32), ts.astype(np.int64),
+                       np.ones(len(events), np.float32))
+  empty = train.select(np.zeros(len(events), bool))
+  text_ids = np.arange(num_items * 3, dtype=np.int32).reshape(num_items, 3) + 1
+  catalogue = Catalogue(text_ids=text_ids, text_mask=np.ones_like(text_ids, bool), image=None,
+                        video=None, presence=np.tile([True, False, False], (num_items, 1)),
+                        has_id=np.bincount(item, minlength=num_items) > 0)
+  return RecDataset(catalogue, num_users, train, empty, empty,
+                    np.flatnonzero(~catalogue.has_id).astype(np.int32),
+                    np.ones(num_users, bool))
+
+
+def _reference_history(train: Interactions, user: int, timestamp: int,
+                       history_len: int) -> tuple[list[int], list[bool]]:
+  """Naive: the user's train items strictly earlier in time, in (time, input) order."""
+  rows = [i for i in range(len(train)) if train.user[i] == user and train.timestamp[i] < timestamp]
+  rows.sort(key=lambda i: (train.timestamp[i], i))
+  items = [int(train.item[i]) for i in rows][-history_len:]
+  pad = history_len - len(items)
+  return [0] * pad + items, [False] * pad + [True] * len(items)
+
+
+def test_history_matches_naive_reference(small):
+  index = examples.TrainExampleIndex.build(small)
+  assert index.num_examples == len(small.train)
+  ids = np.arange(index.num_examples)
+  history, mask = index.history(ids, HISTORY_LEN)
+  for e in ids:
+    ref_items, ref_mask = _reference_history(small.train, index.user[e], index.timestamp[e],
+                                             HISTORY_LEN)
+    assert history[e].tolist() == ref_items and mask[e].tolist() == ref_mask, e
+  # Examples are the train interactions, sorted by (user, time).
+  order = np.lexsort((small.train.timestamp, small.train.user))
+  np.testing.assert_array_equal(index.item, small.train.item[order])
+  assert (np.diff(index.user) >= 0).all()
+
+
+def test_history_is_strictly_earlier_with_ties():
+  # User 0: items 2 and 3 share t=20, so neither is in the other's history.
+  dataset = _dataset_from_events([(0, 4, 30), (0, 2, 20), (0, 1, 10), (0, 3, 20), (1, 5, 5),
+                                  (1, 6, 7), (2, 7, 1)])
+  index = examples.TrainExampleIndex.build(dataset)
+  history, mask = index.history(np.arange(index.num_examples), 3)
+  got = {(int(u), int(i)): [int(h) for h, m in zip(hh, mm) if m]
+         for u, i, hh, mm in zip(index.user, index.item, history, mask)}
+  assert got == {(0, 1): [], (0, 2): [1], (0, 3): [1], (0, 4): [1, 2, 3], (1, 5): [],
+                 (1, 6): [5], (2, 7): []}
+  # Left padding, most recent last.
+  e = int(np.flatnonzero(index.item == 6)[0])
+  assert history[e].tolist() == [0, 0, 5] and mask[e].tolist() == [False, False, True]
+  # Truncated to the most recent items.
+  e = int(np.flatnonzero(index.item == 4)[0])
+  assert index.history(np.array([e]), 2)[0].tolist() == [[2, 3]]
+
+
+def test_make_train_batch_contract_and_padding(small):
+  index = examples.TrainExampleIndex.build(small)
+  log_q = examples.item_log_q(small)
+  ids = np.array([3, -1, 0, 7])
+  batch = examples.make_train_batch(small, index, ids, HISTORY_LEN, log_q, batch_size=6)
+  assert set(batch) == set(TRAIN_BATCH_SPEC)
+  c = small.catalogue
+  dims = {"B": 6, "L": HISTORY_LEN, "Lt": c.text_ids.shape[1], "H": c.image.shape[1],
+          "W": c.image.shape[2], "T": c.video.shape[1], "M": 3}
+  for key, (dtype, shape) in TRAIN_BATCH_SPEC.items():
+    expected = tuple(3 if d == "3" else dims[d] for d in shape.strip("[]").split(", "))
+    assert batch[key].dtype == np.dtype(dtype) and batch[key].shape == expected, key
+  valid = np.array([True, False, True, True, False, False])
+  np.testing.assert_array_equal(batch["example_mask"], valid)
+  real = np.array([3, 0, 7])
+  item = index.item[real]
+  np.testing.assert_array_equal(batch["item_id"][valid], item)
+  np.testing.assert_array_equal(batch["user_id"][valid], index.user[real])
+  np.testing.assert_array_equal(batch["log_q"][valid], log_q[item])
+  np.testing.assert_array_equal(batch["image"][valid], c.image[item])
+  np.testing.assert_array_equal(batch["video"][valid], c.video[item])
+  np.testing.assert_array_equal(batch["text_ids"][valid], c.text_ids[item])
+  np.testing.assert_array_equal(batch["presence"][valid], c.presence[item])
+  np.testing.assert_array_equal(batch["item_has_id"][valid], c.has_id[item])
+  history, _ = index.history(real, HISTORY_LEN)
+  np.testing.assert_array_equal(batch["history"][valid], history)
+  for key, value in batch.items():
+    if key != "example_mask":
+      assert not value[~valid].any(), key
+
+
+def test_make_train_batch_omits_absent_modalities(small):
+  catalogue = dataclasses.replace(small.catalogue, video=None)
+  dataset = dataclasses.replace(small, catalogue=catalogue)
+  index = examples.TrainExampleIndex.build(dataset)
+  batch = examples.make_train_batch(dataset, index, np.arange(4), HISTORY_LEN,
+                                    examples.item_log_q(dataset), 4)
+  assert set(batch) == set(TRAIN_BATCH_SPEC) - {"video"}
+
+
+def test_make_train_batch_rejects_bad_ids(small):
+  index = examples.TrainExampleIndex.build(small)
+  log_q = examples.item_log_q(small)
+  with pytest.raises(ValueError, match="example ids"):
+    examples.make_train_batch(small, index, np.array([index.num_examples]), 4, log_q, 4)
+  with pytest.raises(ValueError, match="example ids"):
+    examples.make_train_batch(small, index, np.array([-2]), 4, log_q, 4)
+  with pytest.raises(ValueError, match="batch_size"):
+    examples.make_train_batch(small, index, np.arange(5), 4, log_q, 4)
+  with pytest.raises(ValueError, match="history_len"):
+    examples.make_train_batch(small, index, np.arange(2), 0, log_q, 4)
+  with pytest.raises(ValueError, match="log_q"):
+    examples.make_train_batch(small, index, np.arange(2), 4, log_q[:-1], 4)
+
+
+def test_item_log_q(small):
+  log_q = examples.item_log_q(small)
+  assert log_q.dtype == np.float32 and log_q.shape == (small.catalogue.num_items,)
+  assert abs(np.exp(log_q.astype(np.float64)).sum() - 1.0) < 1e-5
+  counts = np.bincount(small.train.item, minlength=small.catalogue.num_items)
+  seen = counts > 0
+  # Proportional to counts among seen items; unseen get the floor share.
+  ratio = np.exp(log_q[seen]) / counts[seen]
+  np.testing.assert_allclose(ratio, ratio[0], rtol=1e-5)
+  np.testing.assert_allclose(np.exp(log_q[~seen]), ratio[0] * examples.LOG_Q_FLOOR_COUNT,
+                             rtol=1e-5)
+
+
+def test_user_eval_inputs(small):
+  users = np.array([4, 0, 9])
+  inputs = examples.user_eval_inputs(small, users, HISTORY_LEN)
+  assert set(inputs) == {"user_id", "user_has_id", "history", "history_mask"}
+  assert inputs["user_id"].dtype == np.int32 and inputs["history"].dtype == np.int32
+  train = small.train
+  for row, u in enumerate(users):
+    rows = np.flatnonzero(train.user == u)
+    rows = rows[np.argsort(train.timestamp[rows], kind="stable")]
+    expected = train.item[rows][-HISTORY_LEN:].tolist()
+    got = inputs["history"][row][inputs["history_mask"][row]].tolist()
+    assert got == expected
+    assert inputs["history_mask"][row].tolist() == sorted(inputs["history_mask"][row].tolist())
+
+
+def test_user_without_train_items_has_empty_history():
+  dataset = _dataset_from_events([(0, 1, 1), (2, 3, 1)])
+  inputs = examples.user_eval_inputs(dataset, np.array([1, 2]), 3)
+  assert inputs["history_mask"].tolist() == [[False] * 3, [False, False, True]]
+  assert examples.train_items_of(dataset, np.array([1])).tolist() == [[-1]]
+
+
+def test_train_and_heldout_item_lists(small):
+  users = np.array([5, 2, 11, 0])
+  train_items = examples.train_items_of(small, users)
+  heldout = examples.heldout_items_of(small.test, users)
+  for lists, inter in ((train_items, small.train), (heldout, small.test)):
+    assert lists.dtype == np.int32
+    for row, u in enumerate(users):
+      got = lists[row][lists[row] >= 0]
+      assert sorted(got.tolist()) == sorted(set(inter.item[inter.user == u].tolist()))
+      # -1 padding only at the end.
+      assert (lists[row][got.size:] == -1).all()
+  with pytest.raises(ValueError, match="duplicates"):
+    examples.train_items_of(small, np.array([1, 1]))
+  with pytest.raises(ValueError, match="user ids"):
+    examples.train_items_of(small, np.array([small.num_users]))
+
+
+def test_index_build_is_fast_at_100k():
+  rng = np.random.default_rng(0)
+  n, num_users, num_items = 100_000, 5_000, 3_000
+  train = Interactions(rng.integers(0, num_users, n).astype(np.int32),
+                       rng.integers(0, num_items, n).astype(np.int32),
+                       rng.integers(0, 10_000, n).astype(np.int64), np.ones(n, np.float32))
+  empty = train.select(np.zeros(n, bool))
+  catalogue = Catalogue(None, None, None, None, np.zeros((num_items, 3), bool),
+                        np.ones(num_items, bool))
+  dataset = RecDataset(catalogue, num_users, train, empty, empty, np.zeros(0, np.int32),
+                       np.ones(num_users, bool))
+  start = time.perf_counter()
+  index = examples.TrainExampleIndex.build(dataset)
+  history, mask = index.history(np.arange(n), 50)
+  assert time.perf_counter() - start < 3.0  # ~0.1 s alone; slack for a shared CPU
+  # Spot-check ties against the reference on a few examples.
+  for e in rng.integers(0, n, 20):
+    u, t = index.user[e], index.timestamp[e]
+    rows = np.flatnonzero((train.user == u) & (train.timestamp < t))
+    rows = rows[np.lexsort((rows, train.timestamp[rows]))][-50:]
+    assert history[e][mask[e]].tolist() == train.item[rows].tolist()
