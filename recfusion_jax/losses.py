@@ -60,7 +60,9 @@ def info_nce(a: jax.Array, b: jax.Array, valid: jax.Array, item_ids: jax.Array,
   eye = jnp.eye(a.shape[0], dtype=bool)
   allowed = valid[None, :] & ~((item_ids[:, None] == item_ids[None, :]) & ~eye)
   a_to_b = _masked_mean(_row_cross_entropy(logits, allowed), valid)
-  b_to_a = _masked_mean(_row_cross_entropy(logits.T, allowed.T), valid)
+  # ``allowed`` masks columns by validity and is otherwise symmetric, so the b -> a direction
+  # uses it as is (transposing it would mask rows instead and let invalid a's be negatives).
+  b_to_a = _masked_mean(_row_cross_entropy(logits.T, allowed), valid)
   return 0.5 * (a_to_b + b_to_a)
 
 

@@ -27,15 +27,30 @@ def _multi_process_environment() -> bool:
   return any(os.environ.get(k) for k in keys) and os.environ.get("SLURM_NTASKS", "2") != "1"
 
 
+class _QuietLibraries:
+  """Keeps Orbax's per-save INFO chatter out of the training log (warnings still pass)."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "orbax" not in record.pathname
+
+
 def main(argv):
   del argv
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
   distributed = _DISTRIBUTED.value
   if distributed is None:
     distributed = _multi_process_environment()
   if distributed:
-    # Arguments come from the environment (cluster auto-detection or JAX_* variables).
-    jax.distributed.initialize()
+    # On TPU pods, SLURM and Open MPI, JAX detects coordinator and process ids itself; a
+    # hand-rolled launch (launch/multi_gpu.sh, launch/local_multiprocess.sh) names them in
+    # JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+    explicit = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+      explicit = dict(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+                      num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                      process_id=int(os.environ["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**explicit)
   logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
   from recfusion_jax import train  # pylint: disable=import-outside-toplevel

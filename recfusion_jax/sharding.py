@@ -113,3 +113,33 @@ def describe(state: Any, shardings: Any) -> dict[str, int]:
       per_device += int(np.prod(shard_shape)) * np.dtype(x.dtype).itemsize
   return {"leaves": len(leaves), "sharded_leaves": sharded, "bytes_total": total_bytes,
           "bytes_per_device": per_device}
+
+
+def _is_key(x: Any) -> bool:
+  return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def put_global(tree: Any, shardings: Any) -> Any:
+  """Places host values (identical on every process) onto global shardings.
+
+  ``jax.device_put`` only reaches this process's devices; with several processes each one
+  supplies the shards it owns via ``make_array_from_callback``. PRNG keys travel as key data.
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(tree, shardings)
+
+  def put(x, s):
+    if _is_key(x):
+      data = np.asarray(jax.random.key_data(x))
+      placed = jax.make_array_from_callback(data.shape, s, lambda idx: data[idx])
+      return jax.random.wrap_key_data(placed, impl=jax.random.key_impl(x))
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+  return jax.tree.map(put, tree, shardings)
+
+
+def to_host(tree: Any, mesh: Mesh) -> Any:
+  """A full NumPy copy of a (possibly multi-process, sharded) tree on every process."""
+  tree = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
+  return jax.tree.map(lambda x: x if _is_key(x) else np.asarray(x), tree)

@@ -86,11 +86,12 @@ def _mesh():
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def test_full_ranking_matches_naive():
+@pytest.mark.parametrize("topk_chunk", [0, 4])  # plain lax.top_k; chunked (61 -> 64 items)
+def test_full_ranking_matches_naive(topk_chunk):
   users, items, exclude, relevant = _problem()
   want = _naive_full_ranking(users @ items.T, exclude, relevant, k=10)
   got = evaluate.evaluate_full_ranking(dot_score, users, items, exclude, relevant, k=10,
-                                       block_size=16)
+                                       block_size=16, topk_chunk=topk_chunk)
   _assert_close(got, want)
   assert got["num_users"] == want["num_users"] >= 40
 
@@ -113,14 +114,16 @@ def test_pytree_inputs_and_device_arrays():
   _assert_close(got, want)
 
 
-@pytest.mark.parametrize("item_axes", [(), ("fsdp",), ("data", "fsdp")])
-def test_sharded_equals_unsharded(item_axes):
+@pytest.mark.parametrize("item_axes,topk_chunk", [((), None), (("fsdp",), None),
+                                                   (("data", "fsdp"), None), (("fsdp",), 3)])
+def test_sharded_equals_unsharded(item_axes, topk_chunk):
   assert jax.device_count() == 8
   users, items, exclude, relevant = _problem(seed=3)  # 61 items: not divisible by shards
   unsharded = evaluate.evaluate_full_ranking(dot_score, users, items, exclude, relevant,
                                              k=10, block_size=16)
   sharded = evaluate.evaluate_full_ranking(dot_score, users, items, exclude, relevant, k=10,
-                                           block_size=12, mesh=_mesh(), item_axes=item_axes)
+                                           block_size=12, mesh=_mesh(), item_axes=item_axes,
+                                           topk_chunk=topk_chunk)
   _assert_close(sharded, unsharded)
 
 
@@ -128,9 +131,11 @@ def test_candidate_items_match_naive():
   users, items, exclude, relevant = _problem(seed=4)
   candidates = np.random.default_rng(5).permutation(items.shape[0])[:20]
   want = _naive_full_ranking(users @ items.T, exclude, relevant, k=10, candidates=candidates)
-  got = evaluate.evaluate_full_ranking(dot_score, users, items, exclude, relevant, k=10,
-                                       block_size=16, candidate_items=candidates)
-  _assert_close(got, want)
+  for chunk in (0, 2):
+    got = evaluate.evaluate_full_ranking(dot_score, users, items, exclude, relevant, k=10,
+                                         block_size=16, candidate_items=candidates,
+                                         topk_chunk=chunk)
+    _assert_close(got, want)
   sharded = evaluate.evaluate_full_ranking(dot_score, users, items, exclude, relevant, k=10,
                                            block_size=16, candidate_items=candidates,
                                            mesh=_mesh(), item_axes=("fsdp",))
@@ -146,6 +151,19 @@ def test_fewer_candidates_than_k():
   got = evaluate.evaluate_full_ranking(dot_score, users, items, exclude, relevant, k=10,
                                        block_size=16, candidate_items=candidates)
   _assert_close(got, want)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 8])
+def test_chunked_top_k_equals_lax_top_k(chunk):
+  rng = np.random.default_rng(chunk)
+  # Coarse integer scores: many exact ties, so the tie-break (lowest index) is checked too.
+  scores = rng.integers(0, 6, size=(33, 96)).astype(np.float32)
+  scores[0] = -np.inf  # a row with nothing rankable
+  scores[1, :50] = -np.inf
+  want_values, want_ids = jax.lax.top_k(scores, 10)
+  values, ids = jax.jit(evaluate.chunked_top_k, static_argnums=(1, 2))(scores, 10, chunk)
+  np.testing.assert_array_equal(values, want_values)
+  np.testing.assert_array_equal(ids, want_ids)
 
 
 def test_hand_computed_full_ranking():

@@ -34,8 +34,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="unified: which modality's tower becomes the shared trunk "
                            "(default: the first checkpoint's first tower)")
   parser.add_argument("--max_len", type=int,
-                      help="text positions to keep (default: sentence-transformers' "
-                           "max_seq_length, else all); longer tables are truncated")
+                      help="text positions to keep (default: all of the checkpoint's); the "
+                           "rest of the position table is dropped and reported")
   parser.add_argument("--force", action="store_true", help="overwrite DIR/params")
   return parser.parse_args(argv)
 

@@ -155,6 +155,9 @@ class LoadReport:
   missing: list[str]      # encoder parameters the checkpoint does not have (kept as initialised)
   unexpected: list[str]   # checkpoint parameters the encoder does not have (not loaded)
 
+  def __str__(self) -> str:
+    return self.summary()
+
   def summary(self) -> str:
     lines = [f"loaded {len(self.loaded)} pretrained encoder parameters"]
     lines += [f"  kept initialisation: {p}" for p in self.missing]

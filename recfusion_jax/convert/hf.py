@@ -98,11 +98,7 @@ class Tower:
 
   @property
   def activation(self) -> str:
-    act = self.config["hidden_act"]
-    if act not in _ACTIVATIONS:
-      raise ValueError(f"{self.family} hidden_act={act!r} has no counterpart in the encoder; "
-                       f"supported: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[act]
+    return _ACTIVATIONS[self.config["hidden_act"]]  # validated by read_hf_checkpoint
 
   def trunk_config(self) -> dict[str, Any]:
     """The encoder's trunk hyperparameters that reproduce this tower exactly."""
@@ -259,7 +255,9 @@ def read_hf_checkpoint(path: str | os.PathLike) -> HFCheckpoint:
       raise ValueError(f"{model_dir}: a BERT decoder (is_decoder=true) is not supported")
     if c.get("num_channels", 3) != 3:
       raise ValueError(f"{model_dir}: num_channels={c['num_channels']}; image stems take RGB")
-    tower.activation  # noqa: B018 -- raises early on an unsupported hidden_act
+    if c["hidden_act"] not in _ACTIVATIONS:
+      raise ValueError(f"{model_dir}: {tower.family} hidden_act={c['hidden_act']!r} has no "
+                       f"counterpart in the encoder; supported: {sorted(_ACTIVATIONS)}")
 
   tensors = {}
   for f in weight_files:
@@ -294,7 +292,9 @@ def _stem_config(ckpt: HFCheckpoint, tower: Tower, max_len: int | None) -> dict[
   c = tower.config
   if tower.modality == "text":
     positions = c["max_position_embeddings"]
-    length = max_len or ckpt.sentence_max_len or positions
+    # All positions by default, so a config with the checkpoint's max_position_embeddings
+    # (e.g. 512 for BERT) restores; sentence-transformers' shorter max_seq_length is only noted.
+    length = max_len or positions
     if length > positions:
       raise ValueError(f"max_len={length} exceeds the checkpoint's {positions} positions")
     if tower.family == "bert":
@@ -304,8 +304,8 @@ def _stem_config(ckpt: HFCheckpoint, tower: Tower, max_len: int | None) -> dict[
                 pooling="eos", causal=True)
   # The folded pixel normalisation needs a patch bias unless it is the identity map of [-1, 1].
   norm = ckpt.pixel_norm
-  identity = all(np.isclose(127.5 * norm["rescale_factor"], s) and np.isclose(127.5 * norm[
-      "rescale_factor"], m) for m, s in zip(norm["image_mean"], norm["image_std"]))
+  half = 127.5 * norm["rescale_factor"]  # mean = std = half maps [0, 255] exactly onto [-1, 1]
+  identity = np.allclose(norm["image_mean"], half) and np.allclose(norm["image_std"], half)
   return dict(size=c["image_size"], patch=c["patch_size"],
               patch_bias=tower.family == "vit" or not identity,
               pre_norm=tower.family == "clip_vision", pooling="cls")
@@ -324,7 +324,8 @@ def encoder_config_from_hf(
     unified: one shared trunk (default, except for a CLIP folder with both towers selected).
     trunk_from: unified only: the modality whose tower becomes the shared trunk (default: the
       first selected modality of the first checkpoint).
-    max_len: text positions to keep (default: sentence-transformers' max_seq_length, else all).
+    max_len: text positions to keep (default: all of the checkpoint's; a shorter table is
+      truncated and reported).
 
   Raises:
     ValueError: on unsupported checkpoints and on combinations the encoder cannot express

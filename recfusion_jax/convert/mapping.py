@@ -171,6 +171,10 @@ _IGNORED = [
 ]
 
 
+_KEY_BIAS = ("attention key bias: adds the same q.b to every logit of a query, which softmax "
+             "ignores; the encoder's key projection has no bias (outputs unchanged)")
+
+
 def _match(rules: list[_Rule], name: str):
   for pattern, target in rules:
     m = re.fullmatch(pattern, name)
@@ -213,7 +217,8 @@ def _fold_pixel_norm(kernel: np.ndarray, bias: np.ndarray | None, ckpt: HFCheckp
   new_bias = np.einsum("hwio,i->o", k64, b)
   if bias is not None:
     new_bias = new_bias + bias.astype(np.float64)
-  return (k64 * a[None, None, :, None]).astype(kernel.dtype), new_bias.astype(kernel.dtype)
+  # Left in float64: the caller casts once, to the parameter's dtype.
+  return k64 * a[None, None, :, None], new_bias
 
 
 def _placement(encoder: ContentEncoder, tower: Tower, part: str,
@@ -314,7 +319,9 @@ def import_hf_checkpoint(encoder: ContentEncoder,
       patch[rel[-1]] = (path, _to_layout(full_name, array, layout, (), report), full_name)
       continue
     if path not in params:
-      report.unmapped[full_name] = f"the encoder has no parameter {path_str(path)}"
+      report.unmapped[full_name] = (
+          _KEY_BIAS if rel[-3:] == ("attention", "key", "bias")
+          else f"the encoder has no parameter {path_str(path)}")
       continue
     _check_norm_eps(encoder, full_name, path, tower)
     target_shape = tuple(params[path].get_value().shape)
@@ -324,7 +331,14 @@ def import_hf_checkpoint(encoder: ContentEncoder,
 
   if patch:
     _place_patch(ckpt, patch, params, values, sources, report)
+  if ckpt.sentence_max_len and "text" in wanted:
+    report.notes.append(f"sentence-transformers max_seq_length={ckpt.sentence_max_len}: the model "
+                        "was trained on texts up to that length")
 
+  cast = sorted({str(ckpt.tensors[n].dtype) for n in sources.values() if n in ckpt.tensors}
+                - {str(params[p].get_value().dtype) for p in values})
+  if cast:
+    report.notes.append(f"tensors stored as {cast} were cast to the encoder's parameter dtype")
   for path, value in values.items():
     variable = params[path]
     old = variable.get_value()

@@ -1,0 +1,275 @@
+r"""Input pipeline throughput vs. training-step consumption at the MovieLens config.
+
+Two numbers, both in examples/s at ``configs/movielens.py`` (``config.batch_size`` per batch):
+
+  pipeline  -- ``pipeline.make_train_iterator`` + ``pipeline.make_global_batch`` on the mesh of
+               all local devices: ``--batches`` batches timed after ``--warmup_batches`` (worker
+               start-up excluded), once per ``--workers`` value. Each global batch is blocked on,
+               so the host -> device copy is inside the time. The split into ``next`` and
+               ``make_global_batch`` is indicative only: batches are built ahead by a read
+               thread (or by workers), so ``next`` is mostly waiting and that thread's work
+               shows up wherever it contends for the GIL and cores.
+  step      -- ``train.jit_train_step`` on the same mesh: ``--steps`` steps timed after the
+               compile step and ``--warmup_steps`` more, ``jax.block_until_ready`` on the
+               outputs of every step. Batches are assembled before timing, so the step number
+               excludes the pipeline. The periodic item-cache refresh is not included.
+
+The pipeline should produce at least ``TARGET_RATIO`` x what the step consumes, so that a
+slower-than-measured host (shared cores, a loaded worker) never starves the step.
+
+Posters are decoded at build time (``data_prep.movielens``): the pipeline gathers decoded
+uint8 [64, 64, 3] rows from the in-memory catalogue, it does no image decoding per batch.
+
+The model is built without ``init_from`` (random weights): speed does not depend on them.
+
+  python benchmarks/pipeline_vs_step.py --config_arg size=small
+  python benchmarks/pipeline_vs_step.py --config_arg size=base --steps 3 --batches 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from configs import movielens  # noqa: E402
+from recfusion_jax import sharding, train  # noqa: E402
+from recfusion_jax.data import examples, pipeline  # noqa: E402
+from recfusion_jax.data.types import RecDataset  # noqa: E402
+
+TARGET_RATIO = 5.0
+
+
+def _parse_workers(text: str) -> list[int]:
+  workers = [int(w) for w in text.split(",") if w.strip()]
+  if not workers or min(workers) < 0:
+    raise argparse.ArgumentTypeError(f"--workers needs non-negative integers, got {text!r}")
+  return workers
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config_arg", default="size=small",
+                      help="arg of configs/movielens.py, e.g. size=small or size=base")
+  parser.add_argument("--data_dir", default=None, help="overrides config.data.dir")
+  parser.add_argument("--steps", type=int, default=10, help="timed train steps")
+  parser.add_argument("--warmup_steps", type=int, default=1,
+                      help="untimed steps after the compile step")
+  parser.add_argument("--batches", type=int, default=200, help="timed pipeline batches")
+  parser.add_argument("--warmup_batches", type=int, default=10,
+                      help="untimed batches first (worker start-up, first-touch of the data)")
+  parser.add_argument("--workers", type=_parse_workers, default=[0, 2],
+                      help="comma-separated num_workers values to time, e.g. 0,2")
+  parser.add_argument("--json_out", default=None, help="also write the report here")
+  args = parser.parse_args(argv)
+  for name in ("steps", "batches"):
+    if getattr(args, name) < 1:
+      parser.error(f"--{name} must be >= 1")
+  for name in ("warmup_steps", "warmup_batches"):
+    if getattr(args, name) < 0:
+      parser.error(f"--{name} must be >= 0")
+  return args
+
+
+def _machine() -> dict[str, Any]:
+  affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+  return {"platform": platform.platform(), "python": platform.python_version(),
+          "cpu_count": os.cpu_count(), "cpus_usable": affinity,
+          # Other jobs on a shared machine slow both numbers; the load says how much.
+          "load_avg_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+          "jax": jax.__version__, "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()],
+          "local_devices": [str(d) for d in jax.local_devices()]}
+
+
+def _batch_bytes(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+  return {"total": int(sum(v.nbytes for v in batch.values())),
+          "image": int(batch["image"].nbytes) if "image" in batch else 0,
+          "fields": {k: [str(v.dtype), list(v.shape)] for k, v in batch.items()}}
+
+
+def _new_iterator(dataset: RecDataset, config: ml_collections.ConfigDict, num_workers: int,
+                  index: examples.TrainExampleIndex, log_q: np.ndarray):
+  # Exactly what train_and_evaluate builds (one process: local batch = global batch).
+  return pipeline.make_train_iterator(
+      dataset, batch_size=config.batch_size // jax.process_count(),
+      history_len=config.model.user.history_len, seed=config.seed, num_workers=num_workers,
+      index=index, log_q=log_q)
+
+
+def time_pipeline(dataset: RecDataset, config: ml_collections.ConfigDict, mesh,
+                  num_workers: int, batches: int, warmup: int,
+                  index: examples.TrainExampleIndex, log_q: np.ndarray) -> dict[str, Any]:
+  """Examples/s of iterator + global-batch assembly, worker start-up excluded."""
+  t_build = time.perf_counter()
+  it = _new_iterator(dataset, config, num_workers, index, log_q)
+  try:
+    for _ in range(warmup):
+      jax.block_until_ready(pipeline.make_global_batch(next(it), mesh))
+    startup_s = time.perf_counter() - t_build
+    next_s = assemble_s = 0.0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(batches):
+      ta = time.perf_counter()
+      local = next(it)
+      tb = time.perf_counter()
+      jax.block_until_ready(pipeline.make_global_batch(local, mesh))
+      tc = time.perf_counter()
+      next_s += tb - ta
+      assemble_s += tc - tb
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - c0
+  finally:
+    it.close()  # stops worker processes before the next measurement
+  return {"num_workers": num_workers, "batches": batches, "warmup_batches": warmup,
+          "seconds": wall, "examples_per_s": batches * config.batch_size / wall,
+          "ms_per_batch": 1e3 * wall / batches,
+          "ms_per_batch_next": 1e3 * next_s / batches,
+          "ms_per_batch_make_global_batch": 1e3 * assemble_s / batches,
+          # Main process only: with workers, their CPU time is not in here.
+          "main_process_cpu_seconds": cpu,
+          "startup_and_warmup_s": startup_s}
+
+
+def time_step(dataset: RecDataset, config: ml_collections.ConfigDict, mesh, steps: int,
+              warmup: int, index: examples.TrainExampleIndex,
+              log_q: np.ndarray) -> dict[str, Any]:
+  """Examples/s of the jitted train step, compile and warm-up excluded."""
+  model = train.create_model(config, dataset)
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  tx, schedule = train.make_optimizer(config, config.num_steps)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  graphdef, state = nnx.split((model, optimizer))
+  state_shardings = sharding.state_shardings(state, mesh)
+  state = jax.device_put(state, state_shardings)
+  step_fn = train.jit_train_step(graphdef, state_shardings, mesh,
+                                 contrastive_weight=config.contrastive_weight,
+                                 schedule=schedule)
+
+  # A few distinct real batches, assembled up front: the step is timed alone.
+  it = _new_iterator(dataset, config, 0, index, log_q)
+  try:
+    batches = [pipeline.make_global_batch(next(it), mesh) for _ in range(min(4, steps))]
+  finally:
+    it.close()
+  jax.block_until_ready(batches)
+
+  t0 = time.perf_counter()
+  state, metrics = step_fn(state, batches[0])
+  jax.block_until_ready((state, metrics))
+  compile_s = time.perf_counter() - t0
+  for i in range(warmup):
+    state, metrics = jax.block_until_ready(step_fn(state, batches[i % len(batches)]))
+
+  times = []
+  c0 = time.process_time()
+  for i in range(steps):
+    t = time.perf_counter()
+    state, metrics = jax.block_until_ready(step_fn(state, batches[i % len(batches)]))
+    times.append(time.perf_counter() - t)
+  cpu = time.process_time() - c0
+  total = float(sum(times))
+  loss = float(jax.device_get(metrics["total_loss"]))
+  return {"steps": steps, "warmup_steps": warmup, "seconds": total,
+          "examples_per_s": steps * config.batch_size / total,
+          "s_per_step_mean": total / steps, "s_per_step_median": float(np.median(times)),
+          "s_per_step_min": min(times), "s_per_step_all": times,
+          "compile_and_first_step_s": compile_s, "process_cpu_seconds": cpu,
+          "params": int(params), "last_total_loss": loss}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  args = _parse_args(argv)
+  config = movielens.get_config(args.config_arg)
+  config.init_from = ""  # a pretrained checkpoint changes values, not speed
+  if args.data_dir:
+    config.data.dir = args.data_dir
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {config.batch_size} must divide over the processes")
+
+  t0 = time.perf_counter()
+  dataset = train.load_dataset(config)
+  load_s = time.perf_counter() - t0
+  index = examples.TrainExampleIndex.build(dataset)
+  log_q = examples.item_log_q(dataset)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=jax.local_devices())
+  if config.batch_size % mesh.size:
+    raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.size} devices")
+
+  it = _new_iterator(dataset, config, 0, index, log_q)
+  sample = next(it)
+  it.close()
+  cat = dataset.catalogue
+  image_shape = None if cat.image is None else [str(cat.image.dtype), list(cat.image.shape)]
+
+  machine = _machine()
+  print("command:", " ".join([sys.executable] + sys.argv))
+  print(f"machine: {machine['cpu_count']} CPUs ({machine['cpus_usable']} usable), "
+        f"load avg {machine['load_avg_1_5_15']}, jax {machine['jax']} "
+        f"{machine['backend']}: {machine['devices']}")
+  print(f"config: movielens:{args.config_arg} (init_from=''), batch_size {config.batch_size}, "
+        f"mesh {dict(mesh.shape)}, {len(dataset.train)} train interactions, "
+        f"{cat.num_items} items; batch {_batch_bytes(sample)['total'] / 2**20:.2f} MiB")
+  print(f"note: posters are decoded at build time (data_prep.movielens); the pipeline gathers "
+        f"decoded uint8 rows {image_shape} from memory, no per-batch decoding.")
+
+  pipe = []
+  for w in args.workers:
+    r = time_pipeline(dataset, config, mesh, w, args.batches, args.warmup_batches, index, log_q)
+    pipe.append(r)
+    print(f"pipeline num_workers={w}: {r['examples_per_s']:,.0f} examples/s "
+          f"({r['ms_per_batch']:.2f} ms/batch = next {r['ms_per_batch_next']:.2f} + "
+          f"make_global_batch {r['ms_per_batch_make_global_batch']:.2f}; "
+          f"start-up + warm-up {r['startup_and_warmup_s']:.1f} s)", flush=True)
+
+  step = time_step(dataset, config, mesh, args.steps, args.warmup_steps, index, log_q)
+  print(f"train step: {step['examples_per_s']:,.1f} examples/s "
+        f"({step['s_per_step_median']:.3f} s/step median, {step['s_per_step_mean']:.3f} mean, "
+        f"{args.steps} steps; compile + first step {step['compile_and_first_step_s']:.1f} s; "
+        f"{step['params']:,} params)")
+
+  ratios = {}
+  for r in pipe:
+    ratio = r["examples_per_s"] / step["examples_per_s"]
+    ratios[str(r["num_workers"])] = ratio
+    verdict = "meets" if ratio >= TARGET_RATIO else "MISSES"
+    print(f"ratio pipeline/step, num_workers={r['num_workers']}: {ratio:,.1f}x "
+          f"({verdict} the >= {TARGET_RATIO:g}x target)")
+  # Measured one at a time: in training, workers and the step share the same cores.
+  print("note: pipeline and step were timed separately; in training they share the CPUs.")
+
+  report = {
+      "command": [sys.executable] + sys.argv, "args": vars(args), "machine": machine,
+      "config": {"arg": args.config_arg, "batch_size": config.batch_size,
+                 "data_dir": config.data.dir, "protocol": config.data.protocol,
+                 "text_len": config.data.text_len, "init_from": config.init_from,
+                 "encoder": config.model.encoder.to_dict(), "mesh": dict(mesh.shape)},
+      "data": {"load_s": load_s, "train_examples": int(index.num_examples),
+               "num_items": int(cat.num_items), "catalogue_image": image_shape,
+               "image_decode": "at build time (data_prep.movielens); gathered from memory",
+               "batch_bytes": _batch_bytes(sample)},
+      "pipeline": pipe, "step": step, "ratio_pipeline_over_step": ratios,
+      "target_ratio": TARGET_RATIO,
+      "meets_target": {k: v >= TARGET_RATIO for k, v in ratios.items()},
+  }
+  if args.json_out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json_out)), exist_ok=True)
+    with open(args.json_out, "w") as f:
+      json.dump(report, f, indent=2)
+    print(f"wrote {args.json_out}")
+  return report
+
+
+if __name__ == "__main__":  # guards the spawned Grain workers, which re-import this module
+  main()

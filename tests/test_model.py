@@ -1,0 +1,121 @@
+"""Model properties: masks, cold start, ablation variants, inference path = training path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from recfusion_jax.data.types import Catalogue
+from recfusion_jax.models.recfusion import RecFusion
+from recfusion_jax.recommend import Recommender
+from tests.helpers import random_batch, tiny_config
+
+NUM_USERS, NUM_ITEMS, B = 12, 40, 8
+
+
+def _model(config):
+  return RecFusion(config.model, num_users=NUM_USERS, num_items=NUM_ITEMS, rngs=nnx.Rngs(0))
+
+
+def _presence_with_gaps():
+  presence = np.ones((B, 3), bool)
+  presence[0] = [False, True, True]     # no text
+  presence[1] = [True, False, False]    # text only
+  presence[2] = [False, False, False]   # no content at all
+  return presence
+
+
+@pytest.mark.parametrize("fusion,unified", [("gated", True), ("mean", True), ("concat", True),
+                                            ("gated", False)])
+def test_missing_modalities_are_finite_and_get_zero_weight(fusion, unified):
+  config = tiny_config(**{"model.fusion": fusion, "model.encoder.unified": unified})
+  model = _model(config)
+  model.eval()
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
+  batch["item_has_id"][:] = True
+  batch["item_has_id"][2] = False        # row 2: neither content nor ID
+
+  out = model(batch)
+  assert np.all(np.isfinite(out["logits"]))
+  weights = np.asarray(out["gate_weights"])
+  if fusion != "concat":
+    assert weights[0, 0] == 0.0                       # absent text: exactly zero
+    assert np.all(weights[1, 1:3] == 0.0)             # absent image and video
+    np.testing.assert_allclose(weights[0].sum(), 1.0, rtol=1e-6)
+    assert np.all(weights[2] == 0.0)                  # nothing present: all zero
+  # An item with nothing to go on scores exactly 0 for every user (no NaN, no garbage).
+  np.testing.assert_array_equal(np.asarray(out["logits"])[:, 2], 0.0)
+
+  grads = nnx.grad(lambda m: jnp.sum(m(batch)["logits"] ** 2))(model)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+
+
+def test_cold_item_without_id_scores_from_content():
+  config = tiny_config()
+  model = _model(config)
+  model.eval()
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=np.ones((B, 3), bool))
+  batch["item_has_id"][:] = False
+  others = np.setdiff1d(np.arange(NUM_ITEMS), batch["item_id"])
+  batch["history"] = others[batch["history"] % len(others)].astype(np.int32)
+  out = model(batch)
+  logits = np.asarray(out["logits"])
+  assert np.all(np.isfinite(logits)) and np.any(logits != 0.0)
+  # The ID source has zero weight; content sources carry everything.
+  np.testing.assert_array_equal(np.asarray(out["gate_weights"])[:, 3], 0.0)
+  # Changing the (untrained) ID embeddings of the cold items cannot change their scores.
+  table = model.item_embeddings.embedding[...]
+  model.item_embeddings.embedding[...] = table.at[batch["item_id"]].add(1.0)
+  np.testing.assert_allclose(np.asarray(model(batch)["logits"]), logits, rtol=1e-6)
+
+
+def test_user_without_history_or_id_gets_a_representation():
+  config = tiny_config()
+  model = _model(config)
+  users = model.encode_users(jnp.zeros(2, jnp.int32), jnp.zeros(2, bool),
+                             jnp.zeros((2, 6), jnp.int32), jnp.zeros((2, 6), bool))
+  emb = np.asarray(users["emb"])
+  assert np.all(np.isfinite(emb))
+  np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
+
+
+def test_recommender_scores_equal_training_logits():
+  """Catalogue tables + user encodings (the eval path) reproduce the train-time logits."""
+  config = tiny_config(**{"model.item_id.dropout": 0.0})
+  model = _model(config)
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
+  for key in ("text_ids", "text_mask", "image", "video", "presence", "item_has_id"):
+    batch[key][1] = batch[key][0]  # row 1 repeats item 0: same item, same content
+  # Put the batch's items into a catalogue at their ids; fill the cache from it.
+  cat = Catalogue(
+      text_ids=np.zeros((NUM_ITEMS, 16), np.int32), text_mask=np.zeros((NUM_ITEMS, 16), bool),
+      image=np.zeros((NUM_ITEMS, 16, 16, 3), np.uint8),
+      video=np.zeros((NUM_ITEMS, 4, 16, 16, 3), np.uint8),
+      presence=np.zeros((NUM_ITEMS, 3), bool), has_id=np.ones(NUM_ITEMS, bool))
+  ids = batch["item_id"]
+  keep = np.unique(ids, return_index=True)[1]
+  for key in ("text_ids", "text_mask", "image", "video", "presence"):
+    getattr(cat, key)[ids[keep]] = batch[key][keep]
+  cat.has_id[ids[keep]] = batch["item_has_id"][keep]
+
+  rec = Recommender(model, chunk=16)
+  emb, presence = rec.encode_catalogue(cat)
+  model.write_cache(jnp.arange(NUM_ITEMS), emb, presence, jnp.ones(NUM_ITEMS, bool))
+  rec = Recommender(model, chunk=16)
+  table = rec.item_table(cat)
+  users = rec.encode_users({k: batch[k] for k in ("user_id", "user_has_id", "history",
+                                                  "history_mask")})
+  scores = np.asarray(rec.score_fn()(users, table))[:, ids]
+
+  model.eval()
+  logits = np.asarray(model(batch)["logits"]) / float(model.inverse_temperature)
+  np.testing.assert_allclose(scores, logits, rtol=1e-5, atol=1e-6)
+
+
+def test_separate_towers_have_one_trunk_per_modality():
+  unified = _model(tiny_config())
+  towers = _model(tiny_config(**{"model.encoder.unified": False}))
+  count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m.encoder, nnx.Param)))
+  trunk = sum(x.size for x in jax.tree.leaves(nnx.state(unified.encoder.trunk, nnx.Param)))
+  assert count(towers) == count(unified) + 2 * trunk
