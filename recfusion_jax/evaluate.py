@@ -224,7 +224,11 @@ def _full_ranking_block(user_block: PyTree, exclude: jax.Array, relevant: jax.Ar
     users, items = _spec(user_axes), _spec(item_axes)
     per_user = jax.shard_map(per_user, mesh=mesh, in_specs=(users, items, users, users, items),
                              out_specs=users)
-  values = per_user(user_block, item_table, exclude, relevant, cand_mask)
+  return _sums_over_valid_users(per_user(user_block, item_table, exclude, relevant, cand_mask))
+
+
+def _sums_over_valid_users(values: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """Per-user metric values -> block sums over users with a relevant item, plus their count."""
   valid = values.pop("valid")
   sums = {name: jnp.sum(jnp.where(valid, v, 0.0)) for name, v in values.items()}
   sums["num_users"] = jnp.sum(valid).astype(jnp.float32)
@@ -417,11 +421,7 @@ def _sampled_block(user_block: PyTree, user_ids: jax.Array, exclude: jax.Array,
     # replicated constant carry that becomes per-device, which the checker rejects.
     per_user = jax.shard_map(per_user, mesh=mesh, in_specs=(users, users, users, users, P()),
                              out_specs=users, check_vma=False)
-  values = per_user(user_block, user_ids, exclude, positive, item_table)
-  valid = values.pop("valid")
-  sums = {name: jnp.sum(jnp.where(valid, v, 0.0)) for name, v in values.items()}
-  sums["num_users"] = jnp.sum(valid).astype(jnp.float32)
-  return sums
+  return _sums_over_valid_users(per_user(user_block, user_ids, exclude, positive, item_table))
 
 
 def evaluate_sampled(score_fn: ScoreFn, user_reps: PyTree, item_table: PyTree,
