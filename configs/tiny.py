@@ -75,6 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 128             # global, over all devices and processes
   config.num_steps = 300
   config.contrastive_weight = 0.1     # lambda; 0 is the no-contrastive ablation
+  config.logq_weight = 1.0            # strength of the logQ correction of in-batch negatives
   config.cache_refresh_every = 100    # full re-encode of the item cache (steps)
 
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -85,6 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every = 200
   config.keep_checkpoints = 2
   config.eval_block_size = 256
+  config.eval_split = "test"          # "valid" while tuning: test numbers are for reporting only
   config.init_from = ""               # converted pretrained encoder (recfusion_jax.convert)
 
   apply_ablation(config, switches.get("ablation", ""))

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -81,12 +81,17 @@ def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecF
   return model
 
 
-def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array],
-                   contrastive_weight: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Total loss and everything the step reports (shared by the step and the tests)."""
+def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive_weight: float,
+                   logq_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Total loss and everything the step reports (shared by the step and the tests).
+
+  ``logq_weight`` scales the logQ correction: 1 removes the popularity bias of in-batch
+  negatives entirely, 0 keeps it (a partial correction is common practice; tune on valid).
+  """
   out = model(batch)
   valid = batch["example_mask"]
-  rec = losses.sampled_softmax_loss(out["logits"], batch["item_id"], batch["log_q"], valid)
+  rec = losses.sampled_softmax_loss(out["logits"], batch["item_id"],
+                                    logq_weight * batch["log_q"], valid)
   contrastive = losses.cross_modal_loss(out["content_emb"], out["presence"], batch["item_id"],
                                         valid, model.contrastive_inverse_temperature)
   total = losses.total_loss(rec, contrastive, contrastive_weight)
@@ -98,11 +103,12 @@ def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array],
 
 
 def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array], *,
-               contrastive_weight: float, schedule) -> tuple[Any, dict[str, jax.Array]]:
+               contrastive_weight: float, schedule, logq_weight: float = 1.0
+               ) -> tuple[Any, dict[str, jax.Array]]:
   """One optimisation step on the split (model, optimizer) state; pure, for ``jax.jit``."""
   model, optimizer = nnx.merge(graphdef, state)
   grad_fn = nnx.value_and_grad(compute_losses, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
-  (_, aux), grads = grad_fn(model, batch, contrastive_weight)
+  (_, aux), grads = grad_fn(model, batch, contrastive_weight, logq_weight)
   optimizer.update(model, grads)
   model.write_cache(batch["item_id"], aux.pop("content_emb"), aux.pop("presence"),
                     batch["example_mask"])
@@ -112,10 +118,11 @@ def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array
   return nnx.state((model, optimizer)), aux
 
 
-def jit_train_step(graphdef, state_shardings, mesh, *, contrastive_weight: float, schedule):
+def jit_train_step(graphdef, state_shardings, mesh, *, contrastive_weight: float, schedule,
+                   logq_weight: float = 1.0):
   """``train_step`` compiled with explicit shardings; the old state's buffers are donated."""
   step = functools.partial(train_step, graphdef, contrastive_weight=contrastive_weight,
-                           schedule=schedule)
+                           schedule=schedule, logq_weight=logq_weight)
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -166,10 +173,23 @@ class MetricsWriter:
         f.write(json.dumps({"step": step, **clean}) + "\n")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates the result."""
+class TrainedModel(NamedTuple):
+  """What ``train_model`` returns: the final model (host copy), its data, mesh and logs."""
+
+  model: RecFusion
+  dataset: RecDataset
+  mesh: Any
+  history: list[dict[str, Any]]
+
+
+def train_model(config: ml_collections.ConfigDict, workdir: str,
+                dataset: RecDataset | None = None) -> TrainedModel:
+  """Trains ``config`` in ``workdir`` (resuming from its checkpoints); no evaluation.
+
+  ``dataset`` overrides ``load_dataset(config)`` (e.g. a benchmark protocol's train+valid fit).
+  """
   os.makedirs(workdir, exist_ok=True)
-  dataset = load_dataset(config)
+  dataset = load_dataset(config) if dataset is None else dataset
   logging.info("data %s: %d users, %d items, %d train / %d valid / %d test, %d cold items",
                dataset.name, dataset.num_users, dataset.catalogue.num_items, len(dataset.train),
                len(dataset.valid), len(dataset.test), len(dataset.cold_items))
@@ -201,7 +221,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("resumed from step %d", start_step)
 
   step_fn = jit_train_step(graphdef, state_shardings, mesh,
-                           contrastive_weight=config.contrastive_weight, schedule=schedule)
+                           contrastive_weight=config.contrastive_weight, schedule=schedule,
+                           logq_weight=config.get("logq_weight", 1.0))
   refresh_fn = _refresh_cache_fn(graphdef, state_shardings)
   writer = MetricsWriter(workdir)
   names = source_names(model)
@@ -228,10 +249,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt.wait()
   ckpt.close()
 
-  # Evaluation runs on a host copy of the final state. With one process it is sharded over the
-  # mesh; with several, every process ranks all users on its own devices (same result on each).
+  # A host copy of the final state, so evaluation can run on one process's devices alone.
   model, _ = nnx.merge(graphdef, sharding.to_host(state, mesh))
-  results = evaluate_model(model, dataset, config, mesh if jax.process_count() == 1 else None)
+  return TrainedModel(model, dataset, mesh, history)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates the result."""
+  model, dataset, mesh, history = train_model(config, workdir)
+  # With one process the evaluation is sharded over the mesh; with several, every process ranks
+  # all users on its own devices (same result on each).
+  results = evaluate_model(model, dataset, config, mesh if jax.process_count() == 1 else None,
+                           split=config.get("eval_split", "test"))
   results["train_history"] = history
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
