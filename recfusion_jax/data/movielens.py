@@ -148,6 +148,27 @@ def load_movielens(data_dir: str, protocol: str, seed: int = 0) -> types.RecData
       name=f"movielens100k/{protocol}/seed{seed}")
 
 
+def load_rated(data_dir: str, protocol: str, seed: int = 0,
+               labels: tuple[str, ...] = ("train",)) -> types.Interactions:
+  """Every row of a split labelled one of ``labels``, whatever its rating, with dense ids.
+
+  ``load_movielens`` keeps positives only. A ranking evaluation still has to exclude the items
+  a user rated below the threshold in the training period: they are known consumptions, and
+  since a (user, item) pair occurs once in MovieLens they can never be a held-out positive.
+  Rows are sorted by (user, time).
+  """
+  manifest = _manifest(data_dir)
+  log, split = _read_split(os.path.join(data_dir, manifest["splits"], protocol,
+                                        f"seed{seed}.tsv"))
+  item_raw, user_raw = read_id_maps(data_dir)
+  user = _to_dense(log["user"], user_raw, "user")
+  item = _to_dense(log["item"], item_raw, "item")
+  keep = np.isin(split, labels)
+  order = np.lexsort((np.arange(keep.sum()), log["timestamp"][keep], user[keep]))
+  return types.Interactions(user[keep][order], item[keep][order], log["timestamp"][keep][order],
+                            log["rating"][keep][order])
+
+
 def load_test_presence(data_dir: str, seed: int = 0) -> np.ndarray:
   """missing_modality: [N, 3] bool presence at test time (natural gaps + dropped modalities)."""
   manifest = _manifest(data_dir)
