@@ -138,8 +138,9 @@ def sampled_split(ranker: Ranker, dataset: RecDataset, heldout: Interactions, *,
   """The sampled protocol on ``heldout``: each user's latest held-out item among N negatives.
 
   Negatives are uniform over the items (or ``candidate_items``) minus the user's ``known``
-  (default: train) and held-out items. With candidates, the item table is cut down to them and ids are remapped,
-  so the negatives come from the candidate set; held-out items outside it are dropped.
+  (default: train) and held-out items. With candidates, the item table is cut down to them
+  and ids are remapped, so the negatives come from the candidate set; held-out items outside
+  it are dropped.
   """
   table, num_items = ranker.item_table, dataset.catalogue.num_items
   position = np.arange(num_items)
