@@ -59,6 +59,38 @@ class Baseline(abc.ABC):
     """The current model as a Ranker."""
 
 
+class BprEmbeddings(Baseline):
+  """User and item embeddings trained with BPR; scores are their dot products.
+
+  Subclasses set ``self.params``, ``self.key``, ``self.pair_users``/``self.pair_items`` and call
+  ``_init_bpr`` with ``embed(params) -> (user_emb, item_emb)`` (identity for MF, graph
+  propagation for LightGCN).
+  """
+
+  iterative = True
+
+  def _init_bpr(self, embed: Callable[[PyTree], tuple[jax.Array, jax.Array]], *,
+                learning_rate: float, batch_size: int, reg: float, num_items: int) -> None:
+    tx = optax.adam(learning_rate)
+    self.opt_state = tx.init(self.params)
+    self._embed = jax.jit(embed)
+    self._epoch = make_bpr_epoch(embed, tx, num_pairs=self.pair_users.size,
+                                 num_items=num_items, batch_size=batch_size, reg=reg)
+
+  def train(self, epochs: int) -> list[float]:
+    losses = []
+    for _ in range(epochs):
+      self.key, key = jax.random.split(self.key)
+      self.params, self.opt_state, loss = self._epoch(self.params, self.opt_state, key,
+                                                      self.pair_users, self.pair_items)
+      losses.append(float(loss))
+    return losses
+
+  def ranker(self) -> Ranker:
+    users, items = (np.asarray(x) for x in self._embed(self.params))
+    return Ranker(user_reps=lambda u: {"emb": users[u]}, item_table={"emb": items})
+
+
 # ---- data helpers ----------------------------------------------------------------------------
 
 

@@ -13,9 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from recfusion_jax.baselines.common import Baseline, Ranker, make_bpr_epoch, unique_pairs
+from recfusion_jax.baselines.common import BprEmbeddings, unique_pairs
 from recfusion_jax.data.types import RecDataset
 
 # Large batches: every step propagates the whole graph, so steps (not examples) cost time.
@@ -48,10 +47,9 @@ def propagate(e0: jax.Array, src: jax.Array, dst: jax.Array, weight: jax.Array,
   return jnp.mean(jnp.stack(layers), axis=0)
 
 
-class LightGCN(Baseline):
+class LightGCN(BprEmbeddings):
   """LightGCN on ``dataset.train``: ``num_layers`` propagation layers of ``dim``-d embeddings."""
 
-  iterative = True
 
   def __init__(self, dataset: RecDataset, *, dim: int = 64, num_layers: int = 3,
                learning_rate: float = 3e-2, reg: float = 1e-3, batch_size: int = 8192,
@@ -68,21 +66,5 @@ class LightGCN(Baseline):
       nodes = propagate(jnp.concatenate([params["user"], params["item"]]), *graph, num_layers)
       return nodes[:self.num_users], nodes[self.num_users:]
 
-    self._embed = jax.jit(embed)
-    tx = optax.adam(learning_rate)
-    self.opt_state = tx.init(self.params)
-    self._epoch = make_bpr_epoch(embed, tx, num_pairs=self.pair_users.size,
-                                 num_items=num_items, batch_size=batch_size, reg=reg)
-
-  def train(self, epochs: int) -> list[float]:
-    losses = []
-    for _ in range(epochs):
-      self.key, key = jax.random.split(self.key)
-      self.params, self.opt_state, loss = self._epoch(self.params, self.opt_state, key,
-                                                      self.pair_users, self.pair_items)
-      losses.append(float(loss))
-    return losses
-
-  def ranker(self) -> Ranker:
-    users, items = (np.asarray(x) for x in self._embed(self.params))
-    return Ranker(user_reps=lambda u: {"emb": users[u]}, item_table={"emb": items})
+    self._init_bpr(embed, learning_rate=learning_rate, batch_size=batch_size, reg=reg,
+                   num_items=num_items)
