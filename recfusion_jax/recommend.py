@@ -47,9 +47,10 @@ class Recommender:
   """Eval-mode view of a RecFusion model: ``graphdef`` + a state (model state only)."""
 
   def __init__(self, model: RecFusion, chunk: int = 256):
-    model.eval()
-    self.graphdef, self.state = nnx.split(model)
-    model.train()
+    # An eval-mode view sharing the model's arrays, so the caller's model keeps its own mode.
+    view = nnx.merge(*nnx.split(model))
+    view.eval()
+    self.graphdef, self.state = nnx.split(view)
     self.kind = model.fusion.kind
     self.gate_dim = model.fusion.gate_dim
     self.chunk = chunk
