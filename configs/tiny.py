@@ -69,12 +69,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if "noise" in switches:
     config.data.synthetic.noise_modality = switches["noise"]
   config.data.num_workers = 0         # Grain worker processes (0 = in-process)
+  config.data.history = "earlier"     # earlier | all_others (see recfusion_jax/data/examples.py)
 
   config.model = model_config()
 
   config.batch_size = 128             # global, over all devices and processes
   config.num_steps = 300
   config.contrastive_weight = 0.1     # lambda; 0 is the no-contrastive ablation
+  config.rec_loss = "sampled"         # sampled: in-batch negatives | full: the whole catalogue
   config.logq_weight = 1.0            # strength of the logQ correction of in-batch negatives
   config.cache_refresh_every = 100    # full re-encode of the item cache (steps)
 

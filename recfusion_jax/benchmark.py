@@ -76,6 +76,7 @@ HEADLINE = ("HR@10", "NDCG@10", "Recall@10", "Precision@10", "MRR@10")
 SAMPLED = ("sampled_HR@10", "sampled_NDCG@10")
 RETRIEVAL = tuple(f"{d}_R@{k}" for d in ("text_to_image", "image_to_text") for k in (1, 5, 10))
 SUBSETS = ("natural_missing", "dropped")   # missing_modality slices
+SINGLE_SPLIT_PROTOCOLS = ("loo",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +151,11 @@ class Options:
   models: tuple[str, ...] = ALL_MODELS
   protocols: tuple[str, ...] = PROTOCOLS
   seeds: tuple[int, ...] = (0, 1, 2)
+  baseline_seeds: tuple[int, ...] | None = None   # models outside ABLATION_GROUP (None: seeds)
+  shard: tuple[int, int] = (0, 1)   # (k, n): this process runs the k-th of n job groups
+  merge: bool = False               # only merge the shards' records in workdir into outputs
   steps: int | None = None          # RecFusion num_steps override
+  overrides: tuple[str, ...] = ()   # "key.path=value" changes to every content model's config
   quick: bool = False
   split: str = "test"
   refit: bool = True
@@ -181,9 +186,16 @@ class ProtocolData:
 # ---- data -------------------------------------------------------------------------------------
 
 
+def split_seed(protocol: str, seed: int) -> int:
+  """The data split a run of ``seed`` uses: ``loo`` has one split (each user's last
+  interaction), so its seeds vary only the model's initialisation and sampling."""
+  return 0 if protocol in SINGLE_SPLIT_PROTOCOLS else seed
+
+
 def _raw_protocol(opts: Options, protocol: str, seed: int
                   ) -> tuple[RecDataset, np.ndarray | None]:
   """(data set, test-time presence or None) of a ranking protocol in ``opts.suite``."""
+  seed = split_seed(protocol, seed)
   if opts.suite == "movielens":
     from recfusion_jax.data import movielens  # pylint: disable=import-outside-toplevel
     dataset = movielens.load_movielens(opts.data_dir, protocol, seed)
@@ -201,7 +213,7 @@ def _known(opts: Options, protocol: str, seed: int, labels: tuple[str, ...]
   if opts.exclude == "positives" or opts.suite != "movielens":
     return None   # the synthetic data has no negative ratings
   from recfusion_jax.data import movielens  # pylint: disable=import-outside-toplevel
-  return movielens.load_rated(opts.data_dir, protocol, seed, labels)
+  return movielens.load_rated(opts.data_dir, protocol, split_seed(protocol, seed), labels)
 
 
 def _synthetic_protocol(protocol: str, seed: int, num_items: int, num_users: int
@@ -312,7 +324,8 @@ def content_config(name: str, opts: Options, protocol: str, seed: int
   """The RecFusion config of content model ``name`` in ``opts.suite``."""
   from configs import movielens as movielens_config, tiny  # pylint: disable=import-outside-toplevel
   if opts.suite == "movielens":
-    config = movielens_config.get_config(f"size={opts.size},protocol={protocol},seed={seed}")
+    config = movielens_config.get_config(
+        f"size={opts.size},protocol={protocol},seed={split_seed(protocol, seed)}")
     config.data.dir = opts.data_dir
   else:
     config = tiny.get_config()
@@ -331,9 +344,33 @@ def content_config(name: str, opts: Options, protocol: str, seed: int
       m.user.history_len = 6
   if opts.steps is not None:
     config.num_steps = opts.steps   # 0: evaluates the initialised model (a pipeline check)
+  for override in opts.overrides:
+    apply_override(config, override)
   config.log_every = max(1, min(config.log_every, config.num_steps // 5))
   config.checkpoint_every = max(1, config.num_steps)
   return config
+
+
+def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
+  """Sets ``a.b.c=value`` in ``config``; the value is parsed as the field's current type."""
+  key, sep, value = override.partition("=")
+  if not sep:
+    raise ValueError(f"--set expects key=value, got {override!r}")
+  *parents, leaf = key.split(".")
+  node = config
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    raise KeyError(f"--set {key}: the config has no such field")
+  current = node[leaf]
+  if isinstance(current, bool):
+    if value not in ("true", "false", "True", "False"):
+      raise ValueError(f"--set {key}: expected true/false, got {value!r}")
+    node[leaf] = value.lower() == "true"
+  elif isinstance(current, (int, float, str)):
+    node[leaf] = type(current)(value)
+  else:
+    raise ValueError(f"--set {key}: only bool/int/float/str fields can be set")
 
 
 def _with_catalogue(dataset: RecDataset, catalogue: Catalogue, text_len: int | None
@@ -379,6 +416,27 @@ def retrieval_metrics(model: Any, catalogue: Catalogue, items: np.ndarray,
     scores = evaluate.cross_modal_retrieval(emb[both, q], emb[both, k])
     out.update({f"{direction}_{key}": value for key, value in scores.items()})
   return out
+
+
+def fit_protocol(protocol: str, model: str) -> str:
+  """The protocol whose fitted model a run scores.
+
+  ``retrieval`` scores the cold_items fit. A content model's ``missing_modality`` run scores
+  its ``warm_ratio`` fit: the two protocols share the split (checked by fingerprint at run
+  time) and differ only in the test-time catalogue mask, which the model never sees in
+  training. ID baselines share fits the same way, through the fingerprint.
+  """
+  if protocol == "retrieval":
+    return "cold_items"
+  if protocol == "missing_modality" and model not in BASELINES:
+    return "warm_ratio"
+  return protocol
+
+
+def seeds_of(opts: Options, model: str) -> tuple[int, ...]:
+  if model in ABLATION_GROUP or opts.baseline_seeds is None:
+    return opts.seeds
+  return opts.baseline_seeds
 
 
 def applies(model: str, protocol: str) -> bool:
@@ -509,7 +567,8 @@ def _read_curve(run_dir: str) -> tuple[list[float], list[float], str]:
   return sorted(last), [last[s] for s in sorted(last)], key
 
 
-def write_plots(workdir: str, results: Mapping[str, Any], opts: Options) -> list[str]:
+def write_plots(workdir: str, results: Mapping[str, Any], opts: Options,
+                records: Sequence[Mapping[str, Any]]) -> list[str]:
   """Training curves per protocol and ablation bars of NDCG@10; returns the PNG paths."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -520,16 +579,17 @@ def write_plots(workdir: str, results: Mapping[str, Any], opts: Options) -> list
     if protocol == "retrieval" or protocol not in results:
       continue
     models = [m for m in opts.models if m in results[protocol]]
-    curves = {m: [_read_curve(os.path.join(workdir, "runs", opts.split, protocol, m,
-                                           f"seed{s}")) for s in opts.seeds] for m in models}
-    curves = {m: c for m, c in curves.items() if any(steps for steps, _, _ in c)}
+    curves = {m: [(r["seed"], *_read_curve(os.path.join(workdir, r["run_dir"])))
+                  for r in records if r["protocol"] == protocol and r["model"] == m
+                  and "run_dir" in r] for m in models}
+    curves = {m: c for m, c in curves.items() if any(steps for _, steps, _, _ in c)}
     if not curves:
       continue
     cols = min(4, len(curves))
     rows = -(-len(curves) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
     for ax, (model, runs) in zip(axes.flat, curves.items()):
-      for seed, (steps, values, key) in zip(opts.seeds, runs):
+      for seed, steps, values, key in runs:
         if steps:
           ax.plot(steps, values, label=f"seed {seed}")
           ax.set_ylabel(key)
@@ -586,31 +646,43 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     raise ValueError(f"split must be test or valid, got {opts.split!r}")
   os.makedirs(opts.workdir, exist_ok=True)
   machine = machine_description()
+  if opts.merge:
+    return _merge_shards(opts, machine)
   start = time.perf_counter()
   records: list[dict[str, Any]] = []
   id_fits: dict[tuple[str, int, str], Ranker] = {}
-  jobs = [(p, s, m) for p in opts.protocols for s in opts.seeds for m in opts.models
-          if applies(m, p)]
-  print(f"benchmark {opts.suite}: {len(jobs)} runs on {machine}", flush=True)
+  jobs = shard_jobs(opts)
+  k, n_shards = opts.shard
+  if n_shards > 1:
+    with open(os.path.join(opts.workdir, f"command.{_shard_name(opts)}.txt"), "w",
+              encoding="utf-8") as f:
+      f.write(opts.command + "\n")
+  print(f"benchmark {opts.suite}: {len(jobs)} runs"
+        + (f" (shard {k} of {n_shards})" if n_shards > 1 else "") + f" on {machine}", flush=True)
   data_cache: dict[tuple[str, int], ProtocolData | None] = {}
+  fingerprints: dict[tuple[str, int], str] = {}
 
   def protocol_data(protocol: str, seed: int) -> ProtocolData | None:
     if (protocol, seed) not in data_cache:
       try:
         data_cache.clear()  # one protocol/seed in memory at a time (catalogue images)
         data_cache[(protocol, seed)] = load_protocol(opts, protocol, seed)
+        fingerprints[(protocol, seed)] = _fingerprint(data_cache[(protocol, seed)])
       except FileNotFoundError as e:
         print(f"  skipped {protocol} seed {seed}: {e}", flush=True)
         data_cache[(protocol, seed)] = None
     return data_cache[(protocol, seed)]
 
   for n, (protocol, seed, model) in enumerate(jobs, 1):
-    # Retrieval reuses the cold_items fit (same run directory: a trained model is resumed).
     data_protocol = "cold_items" if protocol == "retrieval" else protocol
     pdata = protocol_data(data_protocol, seed)
     if pdata is None:
       continue
-    run_dir = os.path.join(opts.workdir, "runs", opts.split, data_protocol, model, f"seed{seed}")
+    fitted_on = fit_protocol(protocol, model)
+    if fitted_on not in (protocol, data_protocol) and (
+        fingerprints.get((fitted_on, seed)) != fingerprints[(data_protocol, seed)]):
+      fitted_on = data_protocol   # not shown to be the same split: fit it separately
+    run_dir = os.path.join(opts.workdir, "runs", opts.split, fitted_on, model, f"seed{seed}")
     tick = time.perf_counter()
     print(f"[{n}/{len(jobs)}] {protocol} seed {seed} {model} ...", flush=True)
     if model in BASELINES:
@@ -623,6 +695,8 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
       metrics = evaluate_ranker(id_fits[key], pdata)
     else:
       ranker, fitted, catalogue, info = fit_content_model(model, pdata, opts, run_dir)
+      if fitted_on != data_protocol:
+        info["fit"] = f"the {fitted_on} fit (identical split)"
       if protocol == "retrieval":
         metrics = retrieval_metrics(fitted, catalogue, np.unique(pdata.heldout.item))
       else:
@@ -631,7 +705,8 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     print(f"[{n}/{len(jobs)}] {protocol} seed {seed} {model}: {_summary(metrics)} "
           f"({wall:.1f} s)", flush=True)
     records.append({"protocol": protocol, "model": model, "seed": seed, "metrics": metrics,
-                    "wall_s": wall, "info": info})
+                    "wall_s": wall, "info": info, "run_dir": os.path.relpath(run_dir,
+                                                                             opts.workdir)})
     _write_outputs(opts, records, machine, time.perf_counter() - start, plots=False)
   results = _write_outputs(opts, records, machine, time.perf_counter() - start, plots=True)
   print(f"done in {(time.perf_counter() - start) / 60:.1f} min: "
@@ -639,13 +714,88 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
   return results
 
 
+def shard_jobs(opts: Options) -> list[tuple[str, int, str]]:
+  """This shard's (protocol, seed, model) runs, in order.
+
+  Runs that share a fit (``fit_protocol``) or a data set form one group, kept in one shard
+  and in ``opts.protocols`` order so the fit is trained once and then reused. Groups go to
+  shards greedily by their number of content-model trainings, the runs that cost minutes.
+  """
+  jobs = [(p, s, m) for p in opts.protocols for m in opts.models for s in seeds_of(opts, m)
+          if applies(m, p)]
+  group_of = lambda job: (fit_protocol(job[0], "RecFusion"), job[1])
+  groups: dict[tuple[str, int], list[tuple[str, int, str]]] = {}
+  for job in jobs:
+    groups.setdefault(group_of(job), []).append(job)
+  k, n = opts.shard
+  if not 0 <= k < n:
+    raise ValueError(f"shard {k} of {n} does not exist")
+  cost = lambda group: sum(1 for p, _, m in group if m not in BASELINES and
+                           fit_protocol(p, m) == p) + 0.1 * len(group)
+  load, mine = [0.0] * n, []
+  for key in sorted(groups, key=lambda g: (-cost(groups[g]), g)):
+    target = int(np.argmin(load))
+    load[target] += cost(groups[key])
+    if target == k:
+      mine.append(key)
+  order = {p: i for i, p in enumerate(opts.protocols)}
+  return sorted((job for key in mine for job in groups[key]),
+                key=lambda j: (j[1], order[fit_protocol(j[0], "RecFusion")], order[j[0]]))
+
+
+def _shard_name(opts: Options) -> str:
+  """``shard<k>of<n>.<digest of the run set>``: shard sets of different invocations (say
+  three seeds on some protocols, one on others) can share a workdir and one --merge."""
+  k, n = opts.shard
+  key = json.dumps([opts.models, opts.protocols, opts.seeds, opts.baseline_seeds, opts.steps,
+                    opts.overrides, opts.split, opts.exclude, opts.size])
+  return f"shard{k}of{n}.{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def _records_path(opts: Options) -> str:
+  if opts.shard[1] == 1:
+    return os.path.join(opts.workdir, "results_per_seed.jsonl")
+  return os.path.join(opts.workdir, f"results_per_seed.{_shard_name(opts)}.jsonl")
+
+
+def _merge_shards(opts: Options, machine: str) -> dict[str, Any]:
+  """Combines every ``results_per_seed.shard*.jsonl`` in workdir into the outputs."""
+  import glob  # pylint: disable=import-outside-toplevel
+  paths = sorted(glob.glob(os.path.join(opts.workdir, "results_per_seed.shard*.jsonl")))
+  if not paths:
+    raise FileNotFoundError(f"no results_per_seed.shard*.jsonl in {opts.workdir}")
+  records = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      records += [json.loads(line) for line in f if line.strip()]
+  # The suite's wall time: the shards of one invocation run side by side (its longest shard
+  # counts), separate invocations one after another (they add up).
+  shard_sums: dict[str, list[float]] = {}
+  for path in paths:
+    digest = path.rsplit(".", 2)[-2]
+    with open(path, encoding="utf-8") as f:
+      shard_sums.setdefault(digest, []).append(
+          sum(json.loads(line)["wall_s"] for line in f if line.strip()))
+  wall_s = sum(max(sums) for sums in shard_sums.values())
+  commands = []
+  for path in sorted(glob.glob(os.path.join(opts.workdir, "command.shard*.txt"))):
+    with open(path, encoding="utf-8") as f:
+      commands.append(f.read().strip())
+  print(f"merged {len(records)} runs from {len(paths)} shards", flush=True)
+  merged = dataclasses.replace(opts, shard=(0, 1),
+                               command=" & ".join(commands + [opts.command]))
+  return _write_outputs(merged, records, machine, wall_s, plots=True)
+
+
 def _write_outputs(opts: Options, records: Sequence[Mapping[str, Any]], machine: str,
                    wall_s: float, plots: bool) -> dict[str, Any]:
   results = aggregate(records)
+  _write_jsonl(_records_path(opts), records)
+  if opts.shard[1] > 1:
+    return results   # the shards' records are merged by a final --merge run
   with open(os.path.join(opts.workdir, "results.json"), "w", encoding="utf-8") as f:
     json.dump(results, f, indent=1)
-  _write_jsonl(os.path.join(opts.workdir, "results_per_seed.jsonl"), records)
-  paths = write_plots(opts.workdir, results, opts) if plots else []
+  paths = write_plots(opts.workdir, results, opts, records) if plots else []
   write_markdown(os.path.join(opts.workdir, "RESULTS.md"), results, opts, machine, wall_s,
                  paths)
   return results
@@ -667,6 +817,18 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, str]:
                       help=f"comma separated, from {','.join(PROTOCOLS)}")
   parser.add_argument("--seeds", type=lambda v: tuple(int(s) for s in _csv(v)),
                       default=(0, 1, 2))
+  parser.add_argument("--baseline_seeds", type=lambda v: tuple(int(s) for s in _csv(v)),
+                      default=None, help="seeds of the models outside RecFusion's ablation "
+                      "group (default: --seeds)")
+  parser.add_argument("--shard", type=lambda v: tuple(int(x) for x in v.split("/")),
+                      default=(0, 1), help="K/N: run the K-th of N groups of runs (start N "
+                      "processes side by side, then one with --merge)")
+  parser.add_argument("--merge", action="store_true",
+                      help="merge the shards' results in --workdir into results.json, "
+                      "RESULTS.md and the plots")
+  parser.add_argument("--set", dest="overrides", action="append", default=[],
+                      help="key.path=value, applied to every content model's config "
+                      "(repeatable), e.g. --set optimizer.learning_rate=1e-3")
   parser.add_argument("--steps", type=int, default=None,
                       help="RecFusion training steps (default: the config's; 0 = untrained)")
   parser.add_argument("--quick", action="store_true",
@@ -687,6 +849,7 @@ def parse_args(argv: Sequence[str]) -> tuple[Options, str]:
   args = vars(parser.parse_args(argv))
   cache = args.pop("compilation_cache")
   command = " ".join(["python -m recfusion_jax.benchmark"] + [shlex.quote(a) for a in argv])
+  args["overrides"] = tuple(args["overrides"])
   opts = Options(command=command, **args)
   return opts, os.path.join(opts.workdir, "jax_cache") if cache is None else cache
 

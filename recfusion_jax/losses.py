@@ -49,6 +49,28 @@ def sampled_softmax_loss(logits: jax.Array, item_ids: jax.Array, log_q: jax.Arra
   return _masked_mean(_row_cross_entropy(corrected, allowed), valid)
 
 
+def full_softmax_loss(logits: jax.Array, item_ids: jax.Array, candidates: jax.Array,
+                      valid: jax.Array) -> jax.Array:
+  """Softmax cross-entropy over the whole catalogue (no sampling, so no logQ correction).
+
+  Args:
+    logits: [B, N]; row r = user of example r against every item of the catalogue.
+    item_ids: [B] the positive item of each row (always allowed, whatever ``candidates`` says).
+    candidates: [N] bool, items that may act as negatives. Items never trained on are left out:
+      in the cold-start protocols they are the test items, and pushing them down as negatives
+      would teach the model that exactly those items are never chosen.
+    valid: [B] False for padding rows.
+
+  Returns:
+    Mean over valid rows of -log softmax(logits[r, allowed])[item_ids[r]].
+  """
+  columns = jnp.arange(logits.shape[1])
+  is_positive = columns[None, :] == item_ids[:, None]
+  masked = jnp.where(candidates[None, :] | is_positive, logits, _MASKED)
+  positive = jnp.take_along_axis(logits, item_ids[:, None], axis=1)[:, 0]
+  return _masked_mean(jax.nn.logsumexp(masked, axis=1) - positive, valid)
+
+
 def info_nce(a: jax.Array, b: jax.Array, valid: jax.Array, item_ids: jax.Array,
              inverse_temperature: jax.Array | float) -> jax.Array:
   """Symmetric InfoNCE between paired unit vectors a[i] <-> b[i].

@@ -82,36 +82,53 @@ def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecF
 
 
 def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive_weight: float,
-                   logq_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   logq_weight: float = 1.0, full_catalogue: bool = False
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and everything the step reports (shared by the step and the tests).
 
-  ``logq_weight`` scales the logQ correction: 1 removes the popularity bias of in-batch
-  negatives entirely, 0 keeps it (a partial correction is common practice; tune on valid).
+  The recommendation loss is a softmax over the global batch's positives, where ``logq_weight``
+  scales the logQ correction (1 removes the popularity bias of in-batch negatives entirely, 0
+  keeps it); ``full_catalogue`` (config ``rec_loss="full"``) adds a softmax over every trained
+  item of the catalogue.
   """
-  out = model(batch)
+  out = model(batch, full_catalogue=full_catalogue)
   valid = batch["example_mask"]
-  rec = losses.sampled_softmax_loss(out["logits"], batch["item_id"],
-                                    logq_weight * batch["log_q"], valid)
+  rec = in_batch = losses.sampled_softmax_loss(out["logits"], batch["item_id"],
+                                               logq_weight * batch["log_q"], valid)
+  extra = {}
+  if full_catalogue:
+    # The in-batch term still trains the encoder (see RecFusion.__call__); both are reported.
+    full = losses.full_softmax_loss(out["catalogue_logits"], batch["item_id"],
+                                    out["candidates"], valid)
+    rec = full + in_batch
+    extra = {"full_softmax_loss": full, "in_batch_loss": in_batch}
   contrastive = losses.cross_modal_loss(out["content_emb"], out["presence"], batch["item_id"],
                                         valid, model.contrastive_inverse_temperature)
   total = losses.total_loss(rec, contrastive, contrastive_weight)
   w = valid.astype(jnp.float32)[:, None]
-  aux = {"rec_loss": rec, "contrastive_loss": contrastive, "total_loss": total,
+  aux = {"rec_loss": rec, "contrastive_loss": contrastive, "total_loss": total, **extra,
          "gate_weights": jnp.sum(out["gate_weights"] * w, 0) / jnp.maximum(jnp.sum(w), 1.0),
          "content_emb": out["content_emb"], "presence": out["presence"]}
   return total, aux
 
 
+def rec_loss_is_full(config: ml_collections.ConfigDict) -> bool:
+  kind = config.get("rec_loss", "sampled")
+  if kind not in ("sampled", "full"):
+    raise ValueError(f"rec_loss={kind!r}; choose 'sampled' or 'full'")
+  return kind == "full"
+
+
 def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array], *,
-               contrastive_weight: float, schedule, logq_weight: float = 1.0
-               ) -> tuple[Any, dict[str, jax.Array]]:
+               contrastive_weight: float, schedule, logq_weight: float = 1.0,
+               full_catalogue: bool = False) -> tuple[Any, dict[str, jax.Array]]:
   """One optimisation step on the split (model, optimizer) state; pure, for ``jax.jit``."""
   model, optimizer = nnx.merge(graphdef, state)
   grad_fn = nnx.value_and_grad(compute_losses, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
-  (_, aux), grads = grad_fn(model, batch, contrastive_weight, logq_weight)
+  (_, aux), grads = grad_fn(model, batch, contrastive_weight, logq_weight, full_catalogue)
   optimizer.update(model, grads)
   model.write_cache(batch["item_id"], aux.pop("content_emb"), aux.pop("presence"),
-                    batch["example_mask"])
+                    batch["example_mask"], batch["item_has_id"])
   aux["grad_norm"] = optax.tree.norm(grads)
   aux["learning_rate"] = schedule(optimizer.step[...] - 1)
   aux["temperature"] = 1.0 / model.inverse_temperature
@@ -119,10 +136,11 @@ def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array
 
 
 def jit_train_step(graphdef, state_shardings, mesh, *, contrastive_weight: float, schedule,
-                   logq_weight: float = 1.0):
+                   logq_weight: float = 1.0, full_catalogue: bool = False):
   """``train_step`` compiled with explicit shardings; the old state's buffers are donated."""
   step = functools.partial(train_step, graphdef, contrastive_weight=contrastive_weight,
-                           schedule=schedule, logq_weight=logq_weight)
+                           schedule=schedule, logq_weight=logq_weight,
+                           full_catalogue=full_catalogue)
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -134,7 +152,7 @@ def _refresh_cache_fn(graphdef, state_shardings):
     model, optimizer = nnx.merge(graphdef, state)
     model.eval()  # no dropout: the cache holds what inference would compute
     emb, presence = model.encode_content(chunk)
-    model.write_cache(chunk["item_id"], emb, presence, chunk["valid"])
+    model.write_cache(chunk["item_id"], emb, presence, chunk["valid"], chunk["item_has_id"])
     model.train()
     return nnx.state((model, optimizer))
 
@@ -151,7 +169,6 @@ def refresh_cache(refresh_fn, state, dataset: RecDataset, chunk: int) -> Any:
     valid = ids < n
     ids = np.where(valid, ids, 0)
     content = cat.content(ids)
-    content = {k: v for k, v in content.items() if k != "item_has_id"}
     content.update(item_id=ids.astype(np.int32), valid=valid)
     state = refresh_fn(state, content)
   return state
@@ -202,7 +219,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   log_q = examples.item_log_q(dataset)
   data_iter = pipeline.make_train_iterator(
       dataset, batch_size=local_batch, history_len=config.model.user.history_len,
-      seed=config.seed, num_workers=config.data.num_workers, index=index, log_q=log_q)
+      seed=config.seed, num_workers=config.data.num_workers, index=index, log_q=log_q,
+      history=config.data.get("history", "earlier"))
 
   model = create_model(config, dataset)
   tx, schedule = make_optimizer(config, config.num_steps)
@@ -222,7 +240,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
 
   step_fn = jit_train_step(graphdef, state_shardings, mesh,
                            contrastive_weight=config.contrastive_weight, schedule=schedule,
-                           logq_weight=config.get("logq_weight", 1.0))
+                           logq_weight=config.get("logq_weight", 1.0),
+                           full_catalogue=rec_loss_is_full(config))
   refresh_fn = _refresh_cache_fn(graphdef, state_shardings)
   writer = MetricsWriter(workdir)
   names = source_names(model)

@@ -112,3 +112,47 @@ def test_movielens_exclusions_cover_every_training_rating():
   assert pairs(pdata.fit.train) < pairs(pdata.known) and len(pdata.known) > len(rated)
   assert not pairs(pdata.heldout) & pairs(pdata.known)
   assert pairs(pdata.tune_known) == pairs(rated)
+
+
+def test_shards_partition_the_runs_and_keep_shared_fits_together():
+  opts = benchmark.Options(suite="movielens", workdir="", seeds=(0, 1, 2), baseline_seeds=(0,))
+  every = benchmark.shard_jobs(opts)
+  parts = [benchmark.shard_jobs(benchmark.dataclasses.replace(opts, shard=(k, 3)))
+           for k in range(3)]
+  assert sorted(every) == sorted(job for part in parts for job in part)
+  assert sum(len(part) for part in parts) == len(every)
+  for part in parts:
+    # A run that reuses another protocol's fit is in the same shard, after that fit.
+    for protocol, seed, model in part:
+      fitted_on = benchmark.fit_protocol(protocol, model)
+      if fitted_on != protocol:
+        assert part.index((fitted_on, seed, model)) < part.index((protocol, seed, model))
+  # Ablation-group models run every seed, the others only --baseline_seeds.
+  assert {s for p, s, m in every if m == "RecFusion" and p == "loo"} == {0, 1, 2}
+  assert {s for p, s, m in every if m in ("ease", "text_only")} == {0}
+  assert benchmark.split_seed("loo", 2) == 0 and benchmark.split_seed("cold_items", 2) == 2
+
+
+def test_sharded_run_merges_into_the_unsharded_result(tmp_path):
+  args = ["--models", "popularity,RecFusion", "--protocols", "warm_ratio,missing_modality",
+          "--seeds", "0,1", "--baseline_seeds", "0", "--steps", "0"]
+  _, whole = _run(tmp_path, "whole", *args)
+  workdir = str(tmp_path / "sharded")
+  for k in range(2):
+    opts, _ = benchmark.parse_args(TINY + ["--workdir", workdir, "--shard", f"{k}/2", *args])
+    benchmark.run_benchmark(opts)
+  assert not os.path.exists(os.path.join(workdir, "results.json"))   # only after the merge
+  opts, _ = benchmark.parse_args(TINY + ["--workdir", workdir, "--merge", *args])
+  merged = benchmark.run_benchmark(opts)
+  flat = lambda r: {(p, m, k): v for p, ms in r.items() for m, e in ms.items()
+                    for k, v in e.items() if k != "wall_s"}
+  assert flat(merged) == pytest.approx(flat(whole))
+  assert merged["warm_ratio"]["RecFusion"]["num_seeds"] == 2
+  assert merged["warm_ratio"]["popularity"]["num_seeds"] == 1
+  with open(os.path.join(workdir, "results_per_seed.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  # The content model's missing_modality run scored its warm_ratio fit (the same split).
+  mm = next(r for r in rows if r["model"] == "RecFusion" and r["protocol"] == "missing_modality")
+  assert mm["run_dir"] == os.path.join("runs", "test", "warm_ratio", "RecFusion", "seed0")
+  with open(os.path.join(workdir, "RESULTS.md")) as f:
+    assert "--shard 1/2" in f.read()

@@ -206,3 +206,36 @@ def test_index_build_is_fast_at_100k():
     rows = np.flatnonzero((train.user == u) & (train.timestamp < t))
     rows = rows[np.lexsort((rows, train.timestamp[rows]))][-50:]
     assert history[e][mask[e]].tolist() == train.item[rows].tolist()
+
+
+def test_history_without_target_matches_naive_reference(small):
+  index = examples.TrainExampleIndex.build(small)
+  ids = np.arange(index.num_examples)
+  for length in (1, HISTORY_LEN, 500):
+    history, mask = index.history_without(ids, length)
+    assert history.shape == (ids.size, length)
+    for e in ids:
+      u = index.user[e]
+      # Naive: the user's train items in (time, input) order, minus the example, latest last.
+      rows = [i for i in range(len(small.train)) if small.train.user[i] == u]
+      rows.sort(key=lambda i: (small.train.timestamp[i], i))
+      own = np.flatnonzero(index.user == u)   # the index's order of the same rows
+      items = [int(small.train.item[i]) for k, i in enumerate(rows) if own[k] != e][-length:]
+      pad = length - len(items)
+      assert history[e].tolist() == [0] * pad + items, (length, e)
+      assert mask[e].tolist() == [False] * pad + [True] * len(items), (length, e)
+
+
+def test_train_batch_history_kinds(small):
+  index = examples.TrainExampleIndex.build(small)
+  log_q = examples.item_log_q(small)
+  ids = np.arange(min(8, index.num_examples))
+  earlier = examples.make_train_batch(small, index, ids, HISTORY_LEN, log_q, 8)
+  others = examples.make_train_batch(small, index, ids, HISTORY_LEN, log_q, 8,
+                                     history="all_others")
+  np.testing.assert_array_equal(earlier["item_id"], others["item_id"])
+  # The user's first interaction has no earlier items but does have other ones.
+  first = int(np.flatnonzero(index.hist_end[ids] == index.hist_start[ids])[0])
+  assert not earlier["history_mask"][first].any() and others["history_mask"][first].any()
+  with pytest.raises(ValueError, match="history"):
+    examples.make_train_batch(small, index, ids, HISTORY_LEN, log_q, 8, history="future")

@@ -428,3 +428,51 @@ def test_losses_invariant_to_batch_permutation():
   _assert_close(
       _cross_modal(emb[perm], presence[perm], item_ids[perm], valid[perm], 5.0),
       _cross_modal(emb, presence, item_ids, valid, 5.0), "cross_modal")
+
+
+def _ref_full_softmax(logits, item_ids, candidates, valid):
+  """Naive: per valid row, -log softmax over (candidates + the row's positive)."""
+  logits = np.asarray(logits, np.float64)
+  num_valid = sum(bool(v) for v in valid)
+  loss, grad = 0.0, np.zeros_like(logits)
+  for r in range(logits.shape[0]):
+    if not valid[r]:
+      continue
+    cols = [c for c in range(logits.shape[1]) if candidates[c] or c == item_ids[r]]
+    top = max(logits[r, c] for c in cols)
+    lse = top + math.log(sum(math.exp(logits[r, c] - top) for c in cols))
+    loss += (lse - logits[r, item_ids[r]]) / num_valid
+    for c in cols:
+      grad[r, c] += math.exp(logits[r, c] - lse) / num_valid
+    grad[r, item_ids[r]] -= 1.0 / num_valid
+  return loss, grad
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_full_softmax_matches_reference(seed):
+  rng = np.random.default_rng(seed)
+  b, n = 6, 11
+  logits = rng.normal(size=(b, n)) * 3
+  item_ids = rng.integers(0, n, b)
+  candidates = rng.random(n) < 0.6
+  candidates[item_ids[0]] = False   # a positive that is not a candidate is still scored
+  valid = rng.random(b) < 0.8
+  valid[0] = True
+  ref_loss, ref_grad = _ref_full_softmax(logits, item_ids, candidates, valid)
+  fn = lambda x: losses.full_softmax_loss(x, jnp.asarray(item_ids), jnp.asarray(candidates),
+                                          jnp.asarray(valid))
+  loss, grad = jax.value_and_grad(fn)(jnp.asarray(logits, jnp.float32))
+  np.testing.assert_allclose(loss, ref_loss, rtol=_RTOL, atol=_ATOL)
+  np.testing.assert_allclose(grad, ref_grad, rtol=_RTOL, atol=_ATOL)
+  # Non-candidates other than the positive get no gradient: they are not negatives.
+  others = ~candidates[None, :] & (np.arange(n)[None, :] != item_ids[:, None])
+  assert not np.asarray(grad)[others].any()
+
+
+def test_full_softmax_hand_computed():
+  # One row, positive 0 (logit 1), candidates {1, 2} with logits 0 and 2; item 3 excluded.
+  logits = jnp.asarray([[1.0, 0.0, 2.0, 50.0]])
+  loss = losses.full_softmax_loss(logits, jnp.asarray([0]), jnp.asarray([False, True, True, False]),
+                                  jnp.asarray([True]))
+  expected = -math.log(math.e / (math.e + 1.0 + math.e ** 2))
+  np.testing.assert_allclose(loss, expected, rtol=1e-6)

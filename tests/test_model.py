@@ -112,6 +112,39 @@ def test_recommender_scores_equal_training_logits():
   logits = np.asarray(model(batch)["logits"]) / float(model.inverse_temperature)
   np.testing.assert_allclose(scores, logits, rtol=1e-5, atol=1e-6)
 
+  # The full-catalogue logits (rec_loss="full") are the eval scores of every item, and only
+  # trained items are candidate negatives.
+  cat.has_id[NUM_ITEMS // 2:] = False
+  model.write_cache(jnp.arange(NUM_ITEMS), emb, presence, jnp.ones(NUM_ITEMS, bool),
+                    jnp.asarray(cat.has_id))
+  batch["item_has_id"] = cat.has_id[ids]
+  table = Recommender(model, chunk=16).item_table(cat)
+  out = model(batch, full_catalogue=True)
+  np.testing.assert_allclose(np.asarray(rec.score_fn()(users, table)),
+                             np.asarray(out["catalogue_logits"]) / float(
+                                 model.inverse_temperature), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out["candidates"], cat.has_id)
+
+
+def test_full_catalogue_term_does_not_train_the_encoder():
+  """The catalogue softmax reads stop-gradient content: a pull on the positives without a
+  push on the cached negatives would collapse the encoder (see RecFusion.__call__)."""
+  from recfusion_jax import losses  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  model = _model(config)
+  model.cache_has_id[...] = jnp.ones(NUM_ITEMS, bool)
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS)
+
+  def catalogue_loss(m):
+    out = m(batch, full_catalogue=True)
+    return losses.full_softmax_loss(out["catalogue_logits"], batch["item_id"], out["candidates"],
+                                    batch["example_mask"])
+
+  grads = nnx.grad(catalogue_loss, argnums=nnx.DiffState(0, nnx.Param))(model)
+  norm = lambda tree: float(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
+  assert norm(grads["encoder"]) == 0.0
+  assert norm(grads["user_encoder"]) > 0.0 and norm(grads["item_embeddings"]) > 0.0
+
 
 def test_separate_towers_have_one_trunk_per_modality():
   unified = _model(tiny_config())

@@ -3,10 +3,17 @@
 Shared by every data source (synthetic, MovieLens). Everything here is vectorised numpy so it
 can run inside Grain workers without importing JAX.
 
-A training example is one train interaction (the positive) together with the user's history:
-the user's train items with a strictly earlier timestamp, most recent last. Interactions that
-share a timestamp are not in each other's history, because their true order is unknown and
-letting one see the other would leak the target.
+A training example is one train interaction (the positive) together with the user's history,
+most recent last, of one of two kinds (``HISTORY_KINDS``):
+
+  earlier     the user's train items with a strictly earlier timestamp: next-item prediction,
+              the right task where the held-out items are each user's latest (``loo``).
+              Interactions that share a timestamp are not in each other's history, because
+              their true order is unknown and letting one see the other would leak the target.
+  all_others  the user's latest ``history_len`` train items other than the target: the right
+              task where held-out items are drawn at random from the whole timeline (warm_ratio
+              and the cold-start splits), since at evaluation the model sees exactly that
+              window (the latest items) and the held-out items may be older than some of it.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ LOG_Q_FLOOR_COUNT = 0.1
 
 # Padding value for item-id lists (train_items_of / heldout_items_of).
 PAD_ITEM = -1
+
+HISTORY_KINDS = ("earlier", "all_others")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +82,26 @@ class TrainExampleIndex:
     return _window(self.item, self.hist_start[example_ids], self.hist_end[example_ids],
                    history_len)
 
+  def history_without(self, example_ids: np.ndarray, history_len: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The user's latest ``history_len`` train items other than the example itself."""
+    if history_len < 1:
+      raise ValueError(f"history_len must be >= 1, got {history_len}")
+    start = self.user_start[self.user[example_ids]][:, None]
+    end = self.user_end[self.user[example_ids]][:, None]
+    # The latest history_len + 1 positions: the target's own position is dropped if it is
+    # among them, the oldest otherwise.
+    positions = end - (history_len + 1) + np.arange(history_len + 1)[None, :]
+    keep = (positions >= start) & (positions != example_ids[:, None])
+    target_inside = (positions == example_ids[:, None]).any(1)
+    keep[:, 0] &= target_inside
+    # Right-align the kept slots (a stable sort keeps their time order).
+    order = np.argsort(keep, axis=1, kind="stable")[:, 1:]
+    positions = np.take_along_axis(positions, order, axis=1)
+    mask = np.take_along_axis(keep, order, axis=1)
+    items = self.item[np.where(mask, positions, 0)] if self.item.size else np.zeros(mask.shape)
+    return np.where(mask, items, 0).astype(np.int32), mask
+
   def user_history(self, users: np.ndarray, history_len: int) -> tuple[np.ndarray, np.ndarray]:
     """The last ``history_len`` train items of each user (the whole train history)."""
     return _window(self.item, self.user_start[users], self.user_end[users], history_len)
@@ -119,7 +148,8 @@ def item_log_q(dataset: RecDataset) -> np.ndarray:
 
 
 def make_train_batch(dataset: RecDataset, index: TrainExampleIndex, example_ids: np.ndarray,
-                     history_len: int, log_q: np.ndarray, batch_size: int) -> dict[str, np.ndarray]:
+                     history_len: int, log_q: np.ndarray, batch_size: int,
+                     history: str = "earlier") -> dict[str, np.ndarray]:
   """Gathers a training batch with the TRAIN_BATCH_SPEC keys for ``example_ids``.
 
   ``example_ids`` holds at most ``batch_size`` ids in [0, index.num_examples) or -1; -1 entries
@@ -144,7 +174,12 @@ def make_train_batch(dataset: RecDataset, index: TrainExampleIndex, example_ids:
 
   user = index.user[ids]
   item = index.item[ids]
-  history, history_mask = index.history(ids, history_len)
+  if history == "earlier":
+    history, history_mask = index.history(ids, history_len)
+  elif history == "all_others":
+    history, history_mask = index.history_without(ids, history_len)
+  else:
+    raise ValueError(f"history={history!r}; choose from {HISTORY_KINDS}")
   batch = {
       "user_id": user,
       "user_has_id": dataset.user_has_id[user],
@@ -168,7 +203,10 @@ class TrainBatchFn:
   """Picklable ``example_ids -> batch`` callable for Grain (workers are spawned processes)."""
 
   def __init__(self, dataset: RecDataset, index: TrainExampleIndex, history_len: int,
-               log_q: np.ndarray, batch_size: int):
+               log_q: np.ndarray, batch_size: int, history: str = "earlier"):
+    if history not in HISTORY_KINDS:
+      raise ValueError(f"history={history!r}; choose from {HISTORY_KINDS}")
+    self.history = history
     self.dataset = dataset
     self.index = index
     self.history_len = history_len
@@ -177,7 +215,7 @@ class TrainBatchFn:
 
   def __call__(self, example_ids: np.ndarray) -> dict[str, np.ndarray]:
     return make_train_batch(self.dataset, self.index, example_ids, self.history_len,
-                            self.log_q, self.batch_size)
+                            self.log_q, self.batch_size, self.history)
 
 
 def user_eval_inputs(dataset: RecDataset, users: np.ndarray, history_len: int,

@@ -140,7 +140,8 @@ def make_train_dataset(dataset: RecDataset, *, batch_size: int, history_len: int
                        num_epochs: int | None = None, process_index: int | None = None,
                        process_count: int | None = None,
                        index: TrainExampleIndex | None = None,
-                       log_q: np.ndarray | None = None) -> grain.MapDataset:
+                       log_q: np.ndarray | None = None,
+                       history: str = "earlier") -> grain.MapDataset:
   """A MapDataset of this process's training batches (dicts with TRAIN_BATCH_SPEC keys).
 
   ``batch_size`` is the per-process batch size. ``index``/``log_q`` default to being built
@@ -150,7 +151,7 @@ def make_train_dataset(dataset: RecDataset, *, batch_size: int, history_len: int
   log_q = item_log_q(dataset) if log_q is None else log_q
   ids = example_id_batches(index.num_examples, batch_size, seed=seed, num_epochs=num_epochs,
                            process_index=process_index, process_count=process_count)
-  return ids.map(TrainBatchFn(dataset, index, history_len, log_q, batch_size))
+  return ids.map(TrainBatchFn(dataset, index, history_len, log_q, batch_size, history))
 
 
 def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: int, seed: int,
@@ -159,7 +160,8 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
                         read_buffer_size: int = 4, process_index: int | None = None,
                         process_count: int | None = None,
                         index: TrainExampleIndex | None = None,
-                        log_q: np.ndarray | None = None) -> grain.DatasetIterator:
+                        log_q: np.ndarray | None = None,
+                        history: str = "earlier") -> grain.DatasetIterator:
   """A checkpointable iterator of this process's training batches.
 
   ``num_workers`` > 0 builds batches in that many spawned processes (``mp_prefetch``);
@@ -169,7 +171,8 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
   ds = make_train_dataset(dataset, batch_size=batch_size, history_len=history_len, seed=seed,
                           num_epochs=num_epochs, process_index=process_index,
-                          process_count=process_count, index=index, log_q=log_q)
+                          process_count=process_count, index=index, log_q=log_q,
+                          history=history)
   # Small buffers: a batch with video is ~1 MB at default sizes, the default 500 is too many.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=read_buffer_size))

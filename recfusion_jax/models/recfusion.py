@@ -66,6 +66,8 @@ class RecFusion(nnx.Module):
     m = len(self.modalities)
     self.cache_embeddings = ItemCache(jnp.zeros((num_items, m, d), jnp.float32))
     self.cache_presence = ItemCache(jnp.zeros((num_items, m), bool))
+    # Which items were trained on (have an ID): the negatives of the full-catalogue softmax.
+    self.cache_has_id = ItemCache(jnp.zeros((num_items,), bool))
 
   # ---- items -------------------------------------------------------------------------------
 
@@ -120,32 +122,56 @@ class RecFusion(nnx.Module):
     """Logits [U, I] of every user against every item of ``table``."""
     return self.fusion.scores(users["emb"], users.get("query"), table) * self.inverse_temperature
 
-  def __call__(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Training forward pass over a (global) batch: logits [B, B] and what the losses need."""
+  def __call__(self, batch: Mapping[str, jax.Array], full_catalogue: bool = False
+               ) -> dict[str, jax.Array]:
+    """Training forward pass over a (global) batch: logits and what the losses need.
+
+    Always: ``logits`` [B, B] against the batch's positives (in-batch negatives). With
+    ``full_catalogue`` also ``catalogue_logits`` [B, N] against every item, all read as
+    stop-gradient content (the batch's items with their fresh values, the rest from the item
+    cache): the user model, the gate and the ID table then see every negative every step,
+    while the encoder is trained only by the in-batch term. Letting the encoder's gradient in
+    through the positives alone would be biased -- a pull on each positive and no push on the
+    cached negatives -- and collapses all content toward the average user (measured: the loss
+    climbs back toward uniform within a few hundred steps).
+    """
     content_emb, presence = self.encode_content(batch)
+    item_id = batch["item_id"]
+    users = self.encode_users(batch["user_id"], batch["user_has_id"], batch["history"],
+                              batch["history_mask"])
     has_id = batch["item_has_id"]
     if self.use_item_id:
       has_id = has_id & (self.id_dropout(jnp.ones(has_id.shape)) > 0)
-    table = self.item_table(batch["item_id"], has_id, content_emb, presence)
-    users = self.encode_users(batch["user_id"], batch["user_has_id"], batch["history"],
-                              batch["history_mask"])
-    logits = self.score(users, table)
-    return {
-        "logits": logits,
-        "content_emb": content_emb,
-        "presence": presence,
-        "gate_weights": self.fusion.row_weights(users.get("query"), table),
-    }
+    table = self.item_table(item_id, has_id, content_emb, presence)
+    out = {"content_emb": content_emb, "presence": presence,
+           "logits": self.score(users, table),
+           "gate_weights": self.fusion.row_weights(users.get("query"), table)}
+    if full_catalogue:
+      rows = jnp.where(batch["example_mask"], item_id, self.num_items)  # padding -> dropped
+      catalogue_emb = self.cache_embeddings[...].at[rows].set(content_emb, mode="drop")
+      catalogue_presence = self.cache_presence[...].at[rows].set(presence, mode="drop")
+      trained = self.cache_has_id[...].at[rows].set(batch["item_has_id"], mode="drop")
+      catalogue_has_id = trained
+      if self.use_item_id:
+        # One draw per catalogue item, so an item's positive and negative uses agree.
+        catalogue_has_id = trained & (self.id_dropout(jnp.ones(trained.shape)) > 0)
+      catalogue = self.item_table(jnp.arange(self.num_items), catalogue_has_id,
+                                  jax.lax.stop_gradient(catalogue_emb), catalogue_presence)
+      out["catalogue_logits"] = self.score(users, catalogue)
+      out["candidates"] = trained
+    return out
 
   # ---- cache -------------------------------------------------------------------------------
 
   def write_cache(self, item_id: jax.Array, content_emb: jax.Array, presence: jax.Array,
-                  valid: jax.Array) -> None:
+                  valid: jax.Array, has_id: jax.Array | None = None) -> None:
     """Stores fresh encodings; rows with ``valid`` False (batch padding) are dropped."""
     rows = jnp.where(valid, item_id, self.num_items)  # out of range -> dropped by mode="drop"
     self.cache_embeddings[...] = self.cache_embeddings[...].at[rows].set(
         jax.lax.stop_gradient(content_emb), mode="drop")
     self.cache_presence[...] = self.cache_presence[...].at[rows].set(presence, mode="drop")
+    if has_id is not None:
+      self.cache_has_id[...] = self.cache_has_id[...].at[rows].set(has_id, mode="drop")
 
 
 def source_names(model: RecFusion) -> tuple[str, ...]:
