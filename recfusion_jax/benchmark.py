@@ -764,18 +764,16 @@ def _merge_shards(opts: Options, machine: str) -> dict[str, Any]:
   paths = sorted(glob.glob(os.path.join(opts.workdir, "results_per_seed.shard*.jsonl")))
   if not paths:
     raise FileNotFoundError(f"no results_per_seed.shard*.jsonl in {opts.workdir}")
-  records = []
-  for path in paths:
-    with open(path, encoding="utf-8") as f:
-      records += [json.loads(line) for line in f if line.strip()]
   # The suite's wall time: the shards of one invocation run side by side (its longest shard
   # counts), separate invocations one after another (they add up).
+  records: list[dict[str, Any]] = []
   shard_sums: dict[str, list[float]] = {}
   for path in paths:
-    digest = path.rsplit(".", 2)[-2]
     with open(path, encoding="utf-8") as f:
-      shard_sums.setdefault(digest, []).append(
-          sum(json.loads(line)["wall_s"] for line in f if line.strip()))
+      shard = [json.loads(line) for line in f if line.strip()]
+    records += shard
+    digest = path.rsplit(".", 2)[-2]
+    shard_sums.setdefault(digest, []).append(sum(r["wall_s"] for r in shard))
   wall_s = sum(max(sums) for sums in shard_sums.values())
   commands = []
   for path in sorted(glob.glob(os.path.join(opts.workdir, "command.shard*.txt"))):
