@@ -18,25 +18,27 @@ Build the data once (see data_prep/movielens.py), then:
 import ml_collections
 
 from configs import tiny
+from recfusion_jax import config_lib
 
 MINILM_VOCAB = 30522
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  switches = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
-  size = switches.get("size", "base")
+  switches = config_lib.parse_switches(
+      arg, {"size": "base", "protocol": "warm_ratio", "seed": 0, "ablation": ""})
+  size = switches["size"]
   config = tiny.get_config()
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "movielens"
   config.data.dir = "data_out/movielens"        # output of data_prep.movielens
-  config.data.protocol = switches.get("protocol", "warm_ratio")
-  config.data.split_seed = int(switches.get("seed", 0))
+  config.data.protocol = switches["protocol"]
+  config.data.split_seed = switches["seed"]
   config.data.text_len = 32                      # tokens kept of the built 128 (CPU budget)
   config.data.num_workers = 0
   # Random splits hold out items from anywhere in a user's timeline: train on "all the user's
   # other items" as history, as evaluation sees them; loo is next-item prediction.
-  config.data.history = "earlier" if config.data.protocol == "loo" else "all_others"
+  config.data.history = config_lib.history_for_protocol(config.data.protocol)
 
   m = config.model = tiny.model_config(vocab_size=MINILM_VOCAB, text_len=config.data.text_len,
                                        image_size=64)
@@ -69,5 +71,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cache_refresh_every = 250
   config.log_every = 50
   config.checkpoint_every = 500
-  tiny.apply_ablation(config, switches.get("ablation", ""))
+  config_lib.apply_ablation(config, switches["ablation"])
   return config

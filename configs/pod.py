@@ -14,10 +14,11 @@ ViT/CLIP weights import directly; BERT imports into ``encoder.pre_ln=False``), 2
 import ml_collections
 
 from configs import movielens
+from recfusion_jax import config_lib
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  switches = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+  switches = config_lib.parse_switches(arg, {"chips_per_replica": 8, "batch": 16384})
   config = movielens.get_config("size=base")
 
   m = config.model
@@ -40,7 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.text_len = 128
   config.data.num_workers = 8          # per host: Grain worker processes
   config.init_from = ""                # point at a converted ViT/CLIP/BERT checkpoint
-  config.batch_size = int(switches.get("batch", 16384))
+  config.batch_size = switches["batch"]
   config.num_steps = 100_000
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 2_000
@@ -49,6 +50,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every = 1_000
   config.keep_checkpoints = 3
   config.eval_block_size = 4096
-  config.mesh.fsdp = int(switches.get("chips_per_replica", 8))
+  config.mesh.fsdp = switches["chips_per_replica"]
   config.mesh.data = -1
   return config

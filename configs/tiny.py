@@ -9,6 +9,8 @@ r"""Tiny RecFusion on synthetic data: the test and smoke-run configuration (seco
 
 import ml_collections
 
+from recfusion_jax import config_lib
+
 
 def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16,
                  video_frames: int = 4) -> ml_collections.ConfigDict:
@@ -46,27 +48,15 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   return m
 
 
-def apply_ablation(config: ml_collections.ConfigDict, name: str) -> None:
-  """The paper's three ablations, each switching off one module."""
-  if name == "separate_towers":
-    config.model.encoder.unified = False
-  elif name == "mean_fusion":
-    config.model.fusion = "mean"
-  elif name == "no_contrastive":
-    config.contrastive_weight = 0.0
-  elif name:
-    raise ValueError(f"unknown ablation {name!r}")
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  switches = dict(kv.split("=", 1) for kv in arg.split(",")) if arg else {}
+  switches = config_lib.parse_switches(arg, {"noise": None, "ablation": ""})
   config = ml_collections.ConfigDict()
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "synthetic"
   config.data.synthetic = ml_collections.ConfigDict(dict(num_items=600, num_users=400))
-  if "noise" in switches:
+  if switches["noise"] is not None:
     config.data.synthetic.noise_modality = switches["noise"]
   config.data.num_workers = 0         # Grain worker processes (0 = in-process)
   config.data.history = "earlier"     # earlier | all_others (see recfusion_jax/data/examples.py)
@@ -91,5 +81,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_split = "test"          # "valid" while tuning: test numbers are for reporting only
   config.init_from = ""               # converted pretrained encoder (recfusion_jax.convert)
 
-  apply_ablation(config, switches.get("ablation", ""))
+  config_lib.apply_ablation(config, switches["ablation"])
   return config

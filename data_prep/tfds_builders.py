@@ -2,7 +2,8 @@
 
 Kept apart from ``data_prep.movielens`` because TFDS registers every builder class by name when
 the class is defined: ``python -m data_prep.movielens`` runs that module a second time as
-``__main__``, which would define (and register) the classes twice.
+``__main__``, which would define (and register) the classes twice. Both read the raw files
+through ``data_prep.tables``, so neither imports the other.
 
 The raw-data directory comes from, in order: the builder config's ``raw_dir``; TFDS's
 ``manual_dir`` (``download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -17,7 +18,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep import movielens
+from data_prep import tables
 
 _CITATION = """\
 @article{harper2015movielens,
@@ -61,7 +62,7 @@ def _resolve_raw_dir(configured: str | None, dl_manager) -> str:
   try:
     return os.fspath(dl_manager.manual_dir)
   except (AssertionError, ValueError):  # no manual_dir given, or it is empty
-    return movielens.DEFAULT_RAW_DIR
+    return tables.DEFAULT_RAW_DIR
 
 
 class MovielensMmItems(tfds.core.GeneratorBasedBuilder):
@@ -105,18 +106,18 @@ class MovielensMmItems(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, raw_dir: str):
     cfg = self.builder_config
-    tables = movielens.prepare_tables(raw_dir)
-    item_content = movielens.prepare_content(raw_dir, cfg.image_size, cfg.text_len,
-                                             cfg.tokenizer_path)
-    for k, item in enumerate(tables.item_ids.tolist()):
+    item_tables = tables.prepare_tables(raw_dir)
+    item_content = tables.prepare_content(raw_dir, cfg.image_size, cfg.text_len,
+                                         cfg.tokenizer_path)
+    for k, item in enumerate(item_tables.item_ids.tolist()):
       yield item, {
           "index": k,
           "item_id": item,
-          "ml1m_id": int(tables.ml1m_ids[k]),
-          "title": tables.titles[k],
-          "year": int(tables.years[k]),
-          "genres": "|".join(tables.genres[k]),
-          "description": tables.descriptions[k],
+          "ml1m_id": int(item_tables.ml1m_ids[k]),
+          "title": item_tables.titles[k],
+          "year": int(item_tables.years[k]),
+          "genres": "|".join(item_tables.genres[k]),
+          "description": item_tables.descriptions[k],
           "text_ids": item_content.text_ids[k],
           "text_mask": item_content.text_mask[k],
           "image": item_content.image[k],
@@ -155,7 +156,7 @@ class MovielensMmInteractions(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples(raw_dir)}
 
   def _generate_examples(self, raw_dir: str):
-    log = movielens.prepare_tables(raw_dir).log
+    log = tables.prepare_tables(raw_dir).log
     for k, (u, i, r, t) in enumerate(zip(log.user.tolist(), log.item.tolist(),
                                          log.rating.tolist(), log.timestamp.tolist())):
       yield k, {"user": u, "item": i, "rating": r, "timestamp": t}

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
+from absl import flags
 import numpy as np
 
 from configs import tiny
+
+
+def run_absl_main(main: Callable[[list[str]], Any], argv: Sequence[str]) -> Any:
+  """Calls an ``app.run`` main as its CLI would: flags parsed from ``argv``, reset afterwards."""
+  argv = list(argv)
+  try:
+    return main(flags.FLAGS(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
 
 
 def tiny_config(**overrides):

@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from data_prep.synthetic import make_synthetic
+from recfusion_jax.data.synthetic import make_synthetic
 from recfusion_jax.data import examples
 from recfusion_jax.data.types import TRAIN_BATCH_SPEC, Catalogue, Interactions, RecDataset
 

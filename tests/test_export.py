@@ -3,7 +3,7 @@
 import numpy as np
 from flax import nnx
 
-from data_prep.synthetic import make_synthetic
+from recfusion_jax.data.synthetic import make_synthetic
 from recfusion_jax import export
 from recfusion_jax.data import examples
 from recfusion_jax.models.recfusion import RecFusion

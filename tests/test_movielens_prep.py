@@ -15,7 +15,9 @@ import pytest
 from data_prep import content
 from data_prep import join
 from data_prep import movielens
-from data_prep import splits
+from data_prep import tables as tables_lib
+from recfusion_jax.data import splits
+from tests.helpers import run_absl_main
 
 # ----------------------------------------------------------------------------- title join
 
@@ -345,7 +347,7 @@ def test_grouplens_original_files_are_read_too(tmp_path):
       f"267|unknown||||{'|'.join(flags)}\n".encode("latin-1"))
   (ml / "u.user").write_text("1|24|M|technician|85711\n2|53|F|other|94043\n")
   (ml / "u.data").write_text("1\t1\t5\t100\n2\t2\t3\t200\n2\t267\t1\t300\n3\t1\t4\t5\n")
-  tables = movielens.prepare_tables(str(tmp_path))
+  tables = tables_lib.prepare_tables(str(tmp_path))
   assert tables.item_ids.tolist() == [1, 2, 267] and tables.user_ids.tolist() == [1, 2]
   assert tables.titles[:2] == ["Toy Story", "Cérémonie, La"]
   assert tables.years.tolist() == [1995, 1995, 0] and tables.genres[0] == ["Animation"]
@@ -362,8 +364,9 @@ def built(tmp_path_factory):
   vocab = root / "vocab.txt"
   vocab.write_text("\n".join(VOCAB + ["cowboy", "doll", "of"]) + "\n")
   out = root / "out"
-  assert movielens.main(["--raw_dir", str(raw), "--out_dir", str(out), "--image_size", "8",
-                         "--text_len", "16", "--tokenizer", str(vocab), "--seeds", "0,1"]) == 0
+  assert run_absl_main(movielens.main, [
+      "data_prep.movielens", "--raw_dir", str(raw), "--out_dir", str(out), "--image_size", "8",
+      "--text_len", "16", "--tokenizer", str(vocab), "--seeds", "0,1"]) == 0
   with open(out / "build_report.json", encoding="utf-8") as f:
     report = json.load(f)
   return str(out), report, expected

@@ -9,7 +9,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from data_prep.synthetic import make_synthetic
+from recfusion_jax.data.synthetic import make_synthetic
 from recfusion_jax.data import examples, pipeline
 from recfusion_jax.data.types import TRAIN_BATCH_SPEC
 

@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from data_prep.synthetic import (SyntheticConfig, make_synthetic, make_synthetic_with_truth,
+from recfusion_jax.data.synthetic import (SyntheticConfig, make_synthetic, make_synthetic_with_truth,
                                  resolve_config)
 from recfusion_jax.data.types import MODALITIES, RecDataset
 

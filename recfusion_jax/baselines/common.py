@@ -100,20 +100,28 @@ def merge_valid_into_train(dataset: RecDataset) -> RecDataset:
   Every protocol carves ``valid`` out of what would otherwise be training data, so once the
   hyper-parameters are chosen the final model may learn from it too.
   """
-  both = Interactions(*(np.concatenate([getattr(dataset.train, f), getattr(dataset.valid, f)])
-                        for f in ("user", "item", "timestamp", "rating")))
-  # Stable sort on (user, time): train rows keep their order, ties put train rows first.
-  both = both.select(np.lexsort((np.arange(len(both)), both.timestamp, both.user)))
+  both = _concatenate(dataset.train, dataset.valid)
   num_items = dataset.catalogue.num_items
   has_id = np.zeros(num_items, bool)
   has_id[both.item] = True
   user_has_id = np.zeros(dataset.num_users, bool)
   user_has_id[both.user] = True
   empty = dataset.valid.select(np.zeros(len(dataset.valid), bool))
+  known = None   # None stays None: known is then the merged train
+  if dataset.known is not None or dataset.known_valid is not None:
+    known = _concatenate(dataset.known_or_train(),
+                         dataset.valid if dataset.known_valid is None else dataset.known_valid)
   return dataclasses.replace(
       dataset, catalogue=dataclasses.replace(dataset.catalogue, has_id=has_id), train=both,
       valid=empty, cold_items=np.flatnonzero(~has_id).astype(np.int32), user_has_id=user_has_id,
-      name=dataset.name + "+valid")
+      name=dataset.name + "+valid", known=known, known_valid=None)
+
+
+def _concatenate(first: Interactions, second: Interactions) -> Interactions:
+  """Both sets in (user, time) order; a stable sort, so ties keep ``first``'s rows first."""
+  both = Interactions(*(np.concatenate([getattr(first, f), getattr(second, f)])
+                        for f in ("user", "item", "timestamp", "rating")))
+  return both.select(np.lexsort((np.arange(len(both)), both.timestamp, both.user)))
 
 
 def binary_matrix(interactions: Interactions, num_users: int, num_items: int) -> np.ndarray:
@@ -139,40 +147,33 @@ def _pad_width(ids: np.ndarray) -> np.ndarray:
 
 
 
-def _known_items(dataset: RecDataset, users: np.ndarray, known: Interactions | None
-                 ) -> np.ndarray:
-  if known is None:
-    return examples.train_items_of(dataset, users)
-  return examples.heldout_items_of(known, users, dataset.num_users)
-
-
 def rank_split(ranker: Ranker, dataset: RecDataset, heldout: Interactions, *, k: int = 10,
-               candidate_items: np.ndarray | None = None, known: Interactions | None = None,
-               block_size: int = 256) -> dict[str, float]:
+               candidate_items: np.ndarray | None = None, block_size: int = 256,
+               mesh: Any = None) -> dict[str, float]:
   """Full-ranking metrics of ``heldout`` over the users with >= 1 held-out item.
 
-  Each user's items in ``known`` (default: ``dataset.train``) are excluded from the ranking.
+  Each user's known items (``dataset.known``, default ``dataset.train``) are excluded from the
+  ranking; ``mesh`` shards the user blocks (``evaluate.evaluate_full_ranking``).
   """
   users = np.unique(heldout.user)
   if users.size == 0:
     raise ValueError(f"{dataset.name}: nothing held out to rank")
   return evaluate.evaluate_full_ranking(
       ranker.score_fn, ranker.user_reps(users), ranker.item_table,
-      _pad_width(_known_items(dataset, users, known)),
+      _pad_width(examples.known_items_of(dataset, users)),
       _pad_width(examples.heldout_items_of(heldout, users, dataset.num_users)), k=k,
-      block_size=block_size, candidate_items=candidate_items)
+      block_size=block_size, candidate_items=candidate_items, mesh=mesh)
 
 
 def sampled_split(ranker: Ranker, dataset: RecDataset, heldout: Interactions, *, k: int = 10,
-                  candidate_items: np.ndarray | None = None, known: Interactions | None = None,
-                  num_negatives: int = 99, seed: int = 0, block_size: int = 128
-                  ) -> dict[str, float]:
+                  candidate_items: np.ndarray | None = None, num_negatives: int = 99,
+                  seed: int = 0, block_size: int = 128) -> dict[str, float]:
   """The sampled protocol on ``heldout``: each user's latest held-out item among N negatives.
 
-  Negatives are uniform over the items (or ``candidate_items``) minus the user's ``known``
-  (default: train) and held-out items. With candidates, the item table is cut down to them
-  and ids are remapped, so the negatives come from the candidate set; held-out items outside
-  it are dropped.
+  Negatives are uniform over the items (or ``candidate_items``) minus the user's known
+  (``dataset.known``, default train) and held-out items. With candidates, the item table is cut
+  down to them and ids are remapped, so the negatives come from the candidate set; held-out
+  items outside it are dropped.
   """
   table, num_items = ranker.item_table, dataset.catalogue.num_items
   position = np.arange(num_items)
@@ -194,7 +195,7 @@ def sampled_split(ranker: Ranker, dataset: RecDataset, heldout: Interactions, *,
 
   # The user's other held-out items are not negatives either (they are not wrong answers).
   exclude = _pad_width(np.concatenate(
-      [remap(_known_items(dataset, users, known)),
+      [remap(examples.known_items_of(dataset, users)),
        remap(examples.heldout_items_of(heldout, users, dataset.num_users))], axis=1))
   return evaluate.evaluate_sampled(ranker.score_fn, ranker.user_reps(users), table, exclude,
                                    positive, num_negatives=num_negatives, seed=seed, k=k,
@@ -263,8 +264,7 @@ class TuneResult:
 
 def tune_and_fit(factory: Callable[..., Baseline], tune_data: RecDataset, fit_data: RecDataset,
                  grid: Sequence[Mapping[str, Any]], *, max_epochs: int = 0, eval_every: int = 1,
-                 metric: str = "NDCG@10", known: Interactions | None = None
-                 ) -> tuple[Baseline, TuneResult]:
+                 metric: str = "NDCG@10") -> tuple[Baseline, TuneResult]:
   """Chooses the grid point (and epoch count) by ``metric`` on ``tune_data.valid``; refits.
 
   Args:
@@ -276,8 +276,8 @@ def tune_and_fit(factory: Callable[..., Baseline], tune_data: RecDataset, fit_da
       model is closed-form.
     max_epochs, eval_every: iterative models are scored every ``eval_every`` epochs up to
       ``max_epochs``.
-    metric: key of the evaluator's output to maximise.
-    known: interactions excluded from the valid rankings (default: ``tune_data.train``).
+    metric: key of the evaluator's output to maximise (the valid rankings exclude
+      ``tune_data``'s known items, as every evaluation does).
 
   Returns:
     (the refitted model, the TuneResult).
@@ -297,7 +297,7 @@ def tune_and_fit(factory: Callable[..., Baseline], tune_data: RecDataset, fit_da
       for epochs in epoch_list:
         model.train(epochs - done)
         done = epochs
-        score = rank_split(model.ranker(), tune_data, tune_data.valid, known=known)[metric]
+        score = rank_split(model.ranker(), tune_data, tune_data.valid)[metric]
         log.append({**point, "epochs": epochs, metric: score})
         logging.info("tune %s epochs=%d: valid %s=%.4f", point, epochs, metric, score)
         if best is None or score > best[0]:

@@ -28,7 +28,7 @@ from recfusion_jax.data.types import TRAIN_BATCH_SPEC, Interactions, RecDataset
 # logQ sampling probability, so log_q stays finite (they are never in-batch negatives anyway).
 LOG_Q_FLOOR_COUNT = 0.1
 
-# Padding value for item-id lists (train_items_of / heldout_items_of).
+# Padding value for item-id lists (known_items_of / heldout_items_of).
 PAD_ITEM = -1
 
 HISTORY_KINDS = ("earlier", "all_others")
@@ -236,9 +236,10 @@ def user_eval_inputs(dataset: RecDataset, users: np.ndarray, history_len: int,
   }
 
 
-def train_items_of(dataset: RecDataset, users: np.ndarray) -> np.ndarray:
-  """[len(users), max_count] int32 distinct train items per user (to exclude), -1 padded."""
-  return _padded_items(dataset.train, users, dataset.num_users)
+def known_items_of(dataset: RecDataset, users: np.ndarray) -> np.ndarray:
+  """[len(users), max_count] int32 distinct known items per user, -1 padded: what every
+  evaluation excludes from the user's ranking (``RecDataset.known``, default ``train``)."""
+  return _padded_items(dataset.known_or_train(), users, dataset.num_users)
 
 
 def heldout_items_of(interactions: Interactions, users: np.ndarray,

@@ -1,5 +1,8 @@
 """Loads the MovieLens multimodal data built by ``python -m data_prep.movielens`` as a RecDataset.
 
+The protocols are read from the exported split TSVs (``recfusion_jax.data.splits`` wrote them),
+never re-derived here.
+
 The build output holds raw ML-100k ids everywhere (so other libraries can read the split TSVs);
 this loader maps them to dense ids through ``item_map.tsv`` / ``user_map.tsv``: dense item i is
 row i of the catalogue and of the TFDS items data set.
@@ -12,9 +15,9 @@ import os
 
 import numpy as np
 
-from recfusion_jax.data import types
+from recfusion_jax.data import splits, types
 
-PROTOCOLS: tuple[str, ...] = ("warm_ratio", "loo", "cold_items", "cold_users", "missing_modality")
+PROTOCOLS = splits.PROTOCOLS
 
 
 def _manifest(data_dir: str) -> dict:
@@ -78,29 +81,18 @@ def load_catalogue_arrays(data_dir: str) -> dict[str, np.ndarray]:
   }
 
 
-def _read_split(path: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-  with open(path, encoding="utf-8") as f:
-    header = f.readline().rstrip("\n").split("\t")
-    if header != ["user", "item", "rating", "timestamp", "split"]:
-      raise ValueError(f"{path}: unexpected header {header}")
-    rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-  cols = list(zip(*rows)) if rows else [()] * 5
-  return ({"user": np.asarray(cols[0], np.int64), "item": np.asarray(cols[1], np.int64),
-           "rating": np.asarray(cols[2], np.float32),
-           "timestamp": np.asarray(cols[3], np.int64)}, np.asarray(cols[4], dtype=str))
-
-
 def load_movielens(data_dir: str, protocol: str, seed: int = 0) -> types.RecDataset:
   """Loads one protocol/seed of the built MovieLens data as a RecDataset.
 
   Args:
     data_dir: the ``--out_dir`` of ``python -m data_prep.movielens``.
-    protocol: one of PROTOCOLS (see data_prep/splits.py for their definitions).
+    protocol: one of PROTOCOLS (see recfusion_jax/data/splits.py for their definitions).
     seed: split seed; ``loo`` has only seed 0.
 
   Returns:
     RecDataset with dense ids; train/valid/test keep only positives (rating >= the protocol's
-    ``positive_min_rating`` when it has one), train sorted by (user, time). ``has_id`` marks
+    ``positive_min_rating`` when it has one), train sorted by (user, time); ``known`` /
+    ``known_valid`` hold every train / valid row whatever its rating (what evaluation excludes). ``has_id`` marks
     items with a train positive, ``user_has_id`` users with one. For ``missing_modality`` the
     catalogue has the natural presence; apply ``load_test_presence`` at test time.
   """
@@ -117,18 +109,17 @@ def load_movielens(data_dir: str, protocol: str, seed: int = 0) -> types.RecData
   if not np.array_equal(arrays["item_id"], item_raw):
     raise ValueError(f"{data_dir}: item_map.tsv and the TFDS items disagree")
 
-  log, labels = _read_split(base + ".tsv")
+  log, labels = splits.read_split_tsv(base + ".tsv")
   # Id maps are written in ascending raw-id order, so a binary search maps raw -> dense.
-  user = _to_dense(log["user"], user_raw, "user")
-  item = _to_dense(log["item"], item_raw, "item")
+  user = _to_dense(log.user, user_raw, "user")
+  item = _to_dense(log.item, item_raw, "item")
   min_rating = meta.get("positive_min_rating")
-  positive = np.ones(labels.shape, bool) if min_rating is None else log["rating"] >= min_rating
-  order = np.lexsort((np.arange(labels.size), log["timestamp"], user))
+  positive = np.ones(labels.shape, bool) if min_rating is None else log.rating >= min_rating
+  order = np.lexsort((np.arange(labels.size), log.timestamp, user))
 
-  def part(label: str) -> types.Interactions:
-    keep = order[(labels[order] == label) & positive[order]]
-    return types.Interactions(user[keep], item[keep], log["timestamp"][keep],
-                              log["rating"][keep])
+  def part(label: str, only_positives: bool = True) -> types.Interactions:
+    keep = order[(labels[order] == label) & (positive[order] | (not only_positives))]
+    return types.Interactions(user[keep], item[keep], log.timestamp[keep], log.rating[keep])
 
   train, valid, test = part("train"), part("valid"), part("test")
   num_items, num_users = item_raw.size, user_raw.size
@@ -145,28 +136,9 @@ def load_movielens(data_dir: str, protocol: str, seed: int = 0) -> types.RecData
   return types.RecDataset(
       catalogue=catalogue, num_users=int(num_users), train=train, valid=valid, test=test,
       cold_items=np.flatnonzero(~has_id).astype(np.int32), user_has_id=user_has_id,
-      name=f"movielens100k/{protocol}/seed{seed}")
-
-
-def load_rated(data_dir: str, protocol: str, seed: int = 0,
-               labels: tuple[str, ...] = ("train",)) -> types.Interactions:
-  """Every row of a split labelled one of ``labels``, whatever its rating, with dense ids.
-
-  ``load_movielens`` keeps positives only. A ranking evaluation still has to exclude the items
-  a user rated below the threshold in the training period: they are known consumptions, and
-  since a (user, item) pair occurs once in MovieLens they can never be a held-out positive.
-  Rows are sorted by (user, time).
-  """
-  manifest = _manifest(data_dir)
-  log, split = _read_split(os.path.join(data_dir, manifest["splits"], protocol,
-                                        f"seed{seed}.tsv"))
-  item_raw, user_raw = read_id_maps(data_dir)
-  user = _to_dense(log["user"], user_raw, "user")
-  item = _to_dense(log["item"], item_raw, "item")
-  keep = np.isin(split, labels)
-  order = np.lexsort((np.arange(keep.sum()), log["timestamp"][keep], user[keep]))
-  return types.Interactions(user[keep][order], item[keep][order], log["timestamp"][keep][order],
-                            log["rating"][keep][order])
+      name=f"movielens100k/{protocol}/seed{seed}",
+      # Every rating of the fit (and valid) period is known to its user, not only positives.
+      known=part("train", only_positives=False), known_valid=part("valid", only_positives=False))
 
 
 def load_test_presence(data_dir: str, seed: int = 0) -> np.ndarray:

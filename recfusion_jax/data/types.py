@@ -89,6 +89,12 @@ class RecDataset:
   ``train`` holds the positives the model learns from (and, in time order, each user's history);
   ``valid``/``test`` hold held-out positives. ``cold_items`` are items with no training
   interaction: they are scored from content alone.
+
+  ``known`` is what every evaluation excludes from a user's ranking: the interactions of the fit
+  period whatever their rating (MovieLens: a movie rated 1-3 is known to the user, and since a
+  pair occurs once it can never be a held-out positive). None means ``train`` (data with no
+  negative ratings). ``known_valid`` is the same for the valid period (None: ``valid``); it
+  joins ``known`` when valid is merged into train for a final fit.
   """
 
   catalogue: Catalogue
@@ -99,3 +105,9 @@ class RecDataset:
   cold_items: np.ndarray                  # int32 item ids never seen in training
   user_has_id: np.ndarray                 # [num_users] bool: user has a trained ID embedding
   name: str = ""
+  known: Interactions | None = None       # fit-period interactions, any rating (None: train)
+  known_valid: Interactions | None = None  # valid-period interactions, any rating (None: valid)
+
+  def known_or_train(self) -> Interactions:
+    """The interactions excluded from every user's ranking (see the class docstring)."""
+    return self.train if self.known is None else self.known

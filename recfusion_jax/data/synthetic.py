@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from recfusion_jax.data import splits
 from recfusion_jax.data.types import MODALITIES, Catalogue, Interactions, RecDataset
 
 # Image pixels are 128 + _PIXEL_SCALE * (unit-std pattern + noise), clipped to uint8.
@@ -347,14 +348,16 @@ def _timestamps(rng: np.random.Generator, cfg: SyntheticConfig, user: np.ndarray
 
 def _split(user: np.ndarray, item: np.ndarray, timestamp: np.ndarray,
            held_out: np.ndarray) -> tuple[Interactions, Interactions, Interactions]:
-  """Leave-one-out by time, then every interaction of a held-out item goes to test."""
+  """``splits.loo`` (leave the last out, the second-last for valid), then every interaction of
+  a held-out item goes to test."""
   order = np.lexsort((timestamp, user))
   user, item, timestamp = user[order], item[order], timestamp[order]
-  last = np.r_[user[1:] != user[:-1], True]
-  second_last = np.r_[last[1:] & ~last[:-1], False]
+  rating = np.ones(user.size, dtype=np.float32)
+  labels = splits.loo(splits.LogArrays(user.astype(np.int64), item.astype(np.int64), rating,
+                                       timestamp.astype(np.int64))).labels
   cold = np.isin(item, held_out)
-  events = Interactions(user, item, timestamp, np.ones(user.size, dtype=np.float32))
-  train = events.select(~last & ~second_last & ~cold)
-  valid = events.select(second_last & ~cold)
-  test = events.select(last | cold)
+  events = Interactions(user, item, timestamp, rating)
+  train = events.select((labels == "train") & ~cold)
+  valid = events.select((labels == "valid") & ~cold)
+  test = events.select((labels == "test") | cold)
   return train, valid, test

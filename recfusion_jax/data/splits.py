@@ -1,4 +1,8 @@
-"""Deterministic evaluation splits of an interaction log, exported as TSV.
+"""Deterministic evaluation splits of an interaction log (pure NumPy), exported as TSV.
+
+One implementation for every producer: ``python -m data_prep.movielens`` writes the MovieLens
+splits with it, the synthetic generator labels its log with ``loo`` and the benchmark's
+synthetic suite draws its missing-modality mask with ``choose_dropped_modalities``.
 
 Every protocol labels every (cleaned) interaction row with one of ``SPLIT_LABELS`` and writes
 ``<out>/<protocol>/seed<k>.tsv`` with columns ``user item rating timestamp split`` (raw data-set
@@ -174,6 +178,18 @@ def cold_users(log: LogArrays, seed: int = 0, test_frac: float = 0.2, valid_frac
   return Split("cold_users", seed, labels.astype(str), meta)
 
 
+def choose_dropped_modalities(complete_items: np.ndarray, drop_frac: float,
+                              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """(items that lose a modality, whether each loses its text rather than its image).
+
+  ``round(drop_frac * len(complete_items))`` of the items (those with text and image) are
+  chosen at random; each loses text or image with equal probability.
+  """
+  n_drop = int(round(drop_frac * np.size(complete_items)))
+  chosen = rng.permutation(complete_items)[:n_drop]
+  return chosen, rng.random(n_drop) < 0.5
+
+
 def missing_modality(log: LogArrays, has_text: dict[int, bool], has_image: dict[int, bool],
                      seed: int = 0, drop_frac: float = 0.3, **warm_kwargs) -> Split:
   """warm_ratio plus a test-time mask that drops one modality of ``drop_frac`` test items."""
@@ -185,10 +201,9 @@ def missing_modality(log: LogArrays, has_text: dict[int, bool], has_image: dict[
   test_items = np.unique(log.item[test])
   complete = np.asarray([i for i in test_items if has_text[int(i)] and has_image[int(i)]], np.int64)
   # A separate stream, so the mask does not shift if warm_ratio draws more numbers one day.
-  rng = np.random.default_rng([seed, 1])
-  n_drop = int(round(drop_frac * complete.size))
-  chosen = rng.permutation(complete)[:n_drop]
-  drop_text = rng.random(n_drop) < 0.5
+  chosen, drop_text = choose_dropped_modalities(complete, drop_frac,
+                                                np.random.default_rng([seed, 1]))
+  n_drop = chosen.size
   mask = {int(i): (bool(has_text[int(i)]), bool(has_image[int(i)]), "") for i in has_text}
   for item, text_dropped in zip(chosen.tolist(), drop_text.tolist()):
     t, v, _ = mask[item]

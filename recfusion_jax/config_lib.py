@@ -1,0 +1,70 @@
+"""Helpers that config files and the runner share (config files may import the library, never
+the other way round).
+
+  parse_switches   the ``arg`` of ``get_config(arg)``: ``size=small,protocol=loo``
+  apply_ablation   the paper's three ablations, each switching off one module
+  history_for_protocol   which training history a protocol's task implies
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any, Mapping
+
+import ml_collections
+
+ABLATIONS: tuple[str, ...] = ("separate_towers", "mean_fusion", "no_contrastive")
+
+
+def parse_switches(arg: str | None, allowed: Mapping[str, Any]) -> dict[str, Any]:
+  """``"a=1,b=x"`` -> {name: value} over ``allowed`` ({name: default}), defaults filled in.
+
+  A value is converted to its default's type (int, float, bool, str); a default of None keeps
+  the string. Unknown switch names and malformed items are errors that name the closest valid
+  switch, so a typo never silently falls back to a default.
+  """
+  out = dict(allowed)
+  for item in (arg or "").split(","):
+    if not item.strip():
+      continue
+    name, sep, value = item.partition("=")
+    name = name.strip()
+    if not sep:
+      raise ValueError(f"config switch {item!r}: expected name=value")
+    if name not in allowed:
+      close = difflib.get_close_matches(name, list(allowed), n=1)
+      hint = f"; did you mean {close[0]!r}?" if close else ""
+      raise ValueError(f"unknown config switch {name!r}{hint} (known: {sorted(allowed)})")
+    out[name] = _convert(name, value.strip(), allowed[name])
+  return out
+
+
+def _convert(name: str, value: str, default: Any) -> Any:
+  if default is None or isinstance(default, str):
+    return value
+  if isinstance(default, bool):
+    if value.lower() not in ("true", "false", "1", "0"):
+      raise ValueError(f"config switch {name}={value!r}: expected true or false")
+    return value.lower() in ("true", "1")
+  try:
+    return type(default)(value)
+  except ValueError as e:
+    raise ValueError(f"config switch {name}={value!r}: expected {type(default).__name__}") from e
+
+
+def apply_ablation(config: ml_collections.ConfigDict, name: str) -> None:
+  """The paper's three ablations, each switching off one module; '' changes nothing."""
+  if name == "separate_towers":
+    config.model.encoder.unified = False
+  elif name == "mean_fusion":
+    config.model.fusion = "mean"
+  elif name == "no_contrastive":
+    config.contrastive_weight = 0.0
+  elif name:
+    raise ValueError(f"unknown ablation {name!r}; known: {ABLATIONS}")
+
+
+def history_for_protocol(protocol: str) -> str:
+  """``data.history`` for a protocol: next-item prediction (loo) trains on the items before the
+  target; random hold-outs train on all the user's other items, as evaluation sees them."""
+  return "earlier" if protocol == "loo" else "all_others"
