@@ -14,11 +14,15 @@ user's excluded (training) items to -inf with a per-row scatter -- no dense U x 
 exists on the host -- takes the top k and reduces per-user metrics to block sums, which
 stay on device until the loop ends. Averages are over users with >= 1 relevant item. The top
 k is ``lax.top_k`` or, for large catalogues, the exact and equivalent ``chunked_top_k``
-(max per chunk of items, then top k among the k best chunks): on XLA:CPU the whole
-100k x 50k x 64-d benchmark took ~37% less CPU time with it (17.7 vs 28.1 CPU-s at block 128;
-benchmarks/evaluator_throughput.py). On CPU, blocks of ~128 users also beat 1024.
+(max per chunk of items, then top k among the k best chunks), which XLA:CPU runs faster
+(measured in docs/EVALUATION.md with perf/evaluator_throughput.py).
 
 Conventions (and why):
+* Ties count against the held-out item, in full ranking, sampled ranking and retrieval alike:
+  among equal scores the irrelevant items rank first (``metrics.pessimistic_hits``), so a
+  constant scorer gets nothing, whatever the item ids. Exact, without a full sort: after the
+  top k, each user's items tied at the k-th score (and the relevant ones among them) are
+  counted in one pass over the block's scores.
 * Repeated ids in a row of ``relevant_items`` count once.
 * A relevant item that is also excluded can never be ranked but still counts in |rel|,
   exactly as a naive "mask history, rank, compare" evaluation would; callers that want it
@@ -160,8 +164,9 @@ def _auto_chunk(num_items: int, k: int) -> int:
 def _local_topk(score_fn: ScoreFn, k: int, num_items: int, max_padding: int, chunk: int,
                 user_block: PyTree, item_table: PyTree, exclude: jax.Array,
                 cand_mask: jax.Array | None,
-                item_offset: jax.Array | int) -> tuple[jax.Array, jax.Array]:
-  """Top-k (values, global ids) of one user block against one (shard of the) item table.
+                item_offset: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Top-k (values, global ids) of one user block against one (shard of the) item table,
+  and the block's masked scores [B, I_local] (unrankable items at -inf).
 
   ``item_offset`` is the global id of the table's first row. Rows with ids >= ``num_items``
   pad the table to whole item shards and top-k chunks; only the last ``max_padding`` columns
@@ -187,7 +192,21 @@ def _local_topk(score_fn: ScoreFn, k: int, num_items: int, max_padding: int, chu
   else:
     values, idx = jax.lax.top_k(scores, min(k, num_local))
   ids = jnp.where(values > -jnp.inf, idx.astype(jnp.int32) + item_offset, -1)
-  return values, ids
+  return values, ids, scores
+
+
+def _tie_counts(scores: jax.Array, relevant: jax.Array, kth: jax.Array,
+                item_offset: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+  """[B] items of this (shard of the) row scoring exactly ``kth``, and how many are relevant.
+
+  One pass over the scores for the count; the relevant items' scores are gathered (ids owned
+  by another shard, and -1 padding, count nowhere here).
+  """
+  tied = jnp.sum(scores == kth[:, None], axis=1)
+  local = relevant - item_offset
+  mine = (relevant >= 0) & (local >= 0) & (local < scores.shape[1])
+  rel_scores = jnp.take_along_axis(scores, jnp.where(mine, local, 0), axis=1)
+  return tied, jnp.sum(mine & (rel_scores == kth[:, None]), axis=1)
 
 
 @functools.partial(
@@ -202,23 +221,29 @@ def _full_ranking_block(user_block: PyTree, exclude: jax.Array, relevant: jax.Ar
   """Metric sums over the valid users of one block (plus their count)."""
 
   def per_user(user_block, item_table, exclude, relevant, cand_mask):
+    offset = 0
     if item_axes:
       num_local = _leading_dim(item_table, "item_table")
       offset = jax.lax.axis_index(item_axes).astype(jnp.int32) * num_local
-      values, ids = _local_topk(score_fn, k, num_items, max_padding, chunk, user_block,
-                                item_table, exclude, cand_mask, offset)
-      # Exact merge: the global top k lies in the union of the per-shard top k. Shards are
-      # concatenated in id order, so top_k's lowest-index tie-break matches the unsharded run.
+    values, ids, scores = _local_topk(score_fn, k, num_items, max_padding, chunk, user_block,
+                                      item_table, exclude, cand_mask, offset)
+    if item_axes:
+      # Exact merge: the global top k lies in the union of the per-shard top k.
       values = jax.lax.all_gather(values, item_axes, axis=1, tiled=True, to="invarying")
       ids = jax.lax.all_gather(ids, item_axes, axis=1, tiled=True, to="invarying")
       values, pos = jax.lax.top_k(values, min(k, values.shape[1]))
       ids = jnp.where(values > -jnp.inf, jnp.take_along_axis(ids, pos, axis=1), -1)
-    else:
-      _, ids = _local_topk(score_fn, k, num_items, max_padding, chunk, user_block, item_table,
-                           exclude, cand_mask, 0)
     if ids.shape[1] < k:  # fewer items than k: the missing ranks are empty slots
+      values = jnp.pad(values, ((0, 0), (0, k - ids.shape[1])), constant_values=-jnp.inf)
       ids = jnp.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
-    return metrics.ranking_metrics(ids, relevant)
+    # Ties count against the relevant items: top_k's order among equal scores (lowest id
+    # first) is replaced by the pessimistic one, counted over the whole row.
+    tied, relevant_tied = _tie_counts(scores, relevant, values[:, -1], offset)
+    if item_axes:
+      tied = jax.lax.psum(tied, item_axes)
+      relevant_tied = jax.lax.psum(relevant_tied, item_axes)
+    hit = metrics.pessimistic_hits(values, metrics.hits(ids, relevant), tied, relevant_tied)
+    return metrics.metrics_from_hits(hit, metrics.num_relevant(relevant))
 
   if mesh is not None:
     users, items = _spec(user_axes), _spec(item_axes)

@@ -21,8 +21,13 @@ With ``hit[u, j] = topk_ids[u, j] in relevant[u]`` (rank j is 0-based) and
   MRR@k       = 1 / (j* + 1) for the first hit j* within the top k, 0 if there is none
                 (truncated at k, so it is MRR@k, not the MRR over the full ranking)
 
-A user with n_u = 0 has no defined metric value: every function returns 0 for it, and
-``valid_users`` gives the mask to exclude such users from averages (``masked_mean``).
+A user with n_u = 0 has no defined metric value: every metric is 0 for it, and the "valid"
+entry of ``ranking_metrics`` masks such users out of averages.
+
+Ties (one rule everywhere): an item scored the same as a relevant one ranks before it.
+``pessimistic_hits`` applies this to a full-ranking top-k list; the sampled rank below counts
+every negative scored >= the positive; retrieval (``evaluate.cross_modal_retrieval``) counts
+every target scored >= the correct one.
 
 Sampled protocol (labelled "sampled" everywhere; not comparable to full-ranking numbers):
 the positive item is ranked among N sampled negatives (N = 99 gives a list of 100). Its
@@ -43,11 +48,6 @@ def num_relevant(relevant: jnp.ndarray) -> jnp.ndarray:
   return jnp.sum(relevant >= 0, axis=-1).astype(jnp.int32)
 
 
-def valid_users(relevant: jnp.ndarray) -> jnp.ndarray:
-  """[U] bool: users with at least one relevant item (the ones that enter averages)."""
-  return num_relevant(relevant) > 0
-
-
 def hits(topk_ids: jnp.ndarray, relevant: jnp.ndarray) -> jnp.ndarray:
   """[U, k] bool: whether the item at each rank is relevant.
 
@@ -63,58 +63,26 @@ def _discounts(k: int) -> jnp.ndarray:
   return 1.0 / jnp.log2(jnp.arange(k, dtype=jnp.float32) + 2.0)
 
 
-def hit_rate(topk_ids: jnp.ndarray, relevant: jnp.ndarray) -> jnp.ndarray:
-  """[U] float32 HR@k: 1 if any relevant item is in the top k."""
-  return jnp.any(hits(topk_ids, relevant), axis=-1).astype(jnp.float32)
-
-
-def ndcg(topk_ids: jnp.ndarray, relevant: jnp.ndarray) -> jnp.ndarray:
-  """[U] float32 NDCG@k with binary relevance; 0 for users without relevant items."""
-  k = topk_ids.shape[-1]
-  disc = _discounts(k)
-  dcg = jnp.sum(hits(topk_ids, relevant) * disc, axis=-1)
-  # IDCG = prefix sum of discounts up to min(n, k); index 0 of the padded cumsum is n = 0.
-  ideal = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(disc)])
-  idcg = ideal[jnp.minimum(num_relevant(relevant), k)]
-  return jnp.where(idcg > 0, dcg / jnp.where(idcg > 0, idcg, 1.0), 0.0)
-
-
-def recall(topk_ids: jnp.ndarray, relevant: jnp.ndarray) -> jnp.ndarray:
-  """[U] float32 Recall@k = hits / |relevant| (not / min(|relevant|, k))."""
-  n = num_relevant(relevant)
-  h = jnp.sum(hits(topk_ids, relevant), axis=-1)
-  return jnp.where(n > 0, h / jnp.maximum(n, 1), 0.0).astype(jnp.float32)
-
-
-def precision(topk_ids: jnp.ndarray, relevant: jnp.ndarray) -> jnp.ndarray:
-  """[U] float32 Precision@k = hits / k (k = width of ``topk_ids``, empty slots included)."""
-  k = topk_ids.shape[-1]
-  return (jnp.sum(hits(topk_ids, relevant), axis=-1) / k).astype(jnp.float32)
-
-
-def mrr(topk_ids: jnp.ndarray, relevant: jnp.ndarray) -> jnp.ndarray:
-  """[U] float32 MRR@k: reciprocal 1-based rank of the first relevant item in the top k."""
-  h = hits(topk_ids, relevant)
-  first = jnp.argmax(h, axis=-1)  # first True; 0 when there is none, masked below
-  return jnp.where(jnp.any(h, axis=-1), 1.0 / (first + 1.0), 0.0).astype(jnp.float32)
-
-
 def ranking_metrics(topk_ids: jnp.ndarray, relevant: jnp.ndarray) -> dict[str, jnp.ndarray]:
-  """Per-user HR/NDCG/Recall/Precision/MRR at k = ``topk_ids.shape[-1]``.
+  """Per-user HR/NDCG/Recall/Precision/MRR at k = ``topk_ids.shape[-1]`` of a ranked list.
 
   Returns [U] arrays under "HR@k", "NDCG@k", "Recall@k", "Precision@k", "MRR@k", plus
-  "valid" ([U] bool, users with >= 1 relevant item). Hits are computed once and shared.
+  "valid" ([U] bool, users with >= 1 relevant item).
   """
-  k = topk_ids.shape[-1]
-  h = hits(topk_ids, relevant)
-  n = num_relevant(relevant)
+  return metrics_from_hits(hits(topk_ids, relevant), num_relevant(relevant))
+
+
+def metrics_from_hits(hit: jnp.ndarray, n: jnp.ndarray) -> dict[str, jnp.ndarray]:
+  """``ranking_metrics`` from the [U, k] hit matrix and the [U] number of relevant items."""
+  k = hit.shape[-1]
   valid = n > 0
-  num_hits = jnp.sum(h, axis=-1)
+  num_hits = jnp.sum(hit, axis=-1)
   disc = _discounts(k)
-  dcg = jnp.sum(h * disc, axis=-1)
+  dcg = jnp.sum(hit * disc, axis=-1)
+  # IDCG = prefix sum of discounts up to min(n, k); index 0 of the padded cumsum is n = 0.
   ideal = jnp.concatenate([jnp.zeros((1,), jnp.float32), jnp.cumsum(disc)])
   idcg = ideal[jnp.minimum(n, k)]
-  first = jnp.argmax(h, axis=-1)
+  first = jnp.argmax(hit, axis=-1)  # first True; 0 when there is none, masked below
   any_hit = num_hits > 0
   return {
       f"HR@{k}": any_hit.astype(jnp.float32),
@@ -124,6 +92,34 @@ def ranking_metrics(topk_ids: jnp.ndarray, relevant: jnp.ndarray) -> dict[str, j
       f"MRR@{k}": jnp.where(any_hit, 1.0 / (first + 1.0), 0.0).astype(jnp.float32),
       "valid": valid,
   }
+
+
+def pessimistic_hits(topk_values: jnp.ndarray, topk_relevant: jnp.ndarray,
+                     num_tied: jnp.ndarray, num_relevant_tied: jnp.ndarray) -> jnp.ndarray:
+  """[U, k] hits of a top-k list in which ties count against the relevant items.
+
+  Within every group of equal scores the irrelevant items take the earlier ranks, so a model
+  that scores everything equally gets no hit, whatever the item ids. A group above the k-th
+  score t lies wholly in the list; the group tied at t may reach past rank k, so its size and
+  relevant count come from the whole row. No full sort is needed.
+
+  Args:
+    topk_values: [U, k] scores, best first; -inf marks an empty slot (never a hit).
+    topk_relevant: [U, k] bool, whether the item at each rank is relevant.
+    num_tied: [U] rankable items of the whole row scoring exactly t = topk_values[:, -1].
+    num_relevant_tied: [U] how many of those are relevant.
+  """
+  k = topk_values.shape[-1]
+  v = topk_values
+  same = v[:, :, None] == v[:, None, :]                            # [U, k, k]
+  above = jnp.sum(v[:, None, :] > v[:, :, None], axis=-1)         # ranks before the group
+  size = jnp.sum(same, axis=-1)
+  rel = jnp.sum(same & topk_relevant[:, None, :], axis=-1)
+  at_kth = v == v[:, -1:]
+  size = jnp.where(at_kth, num_tied[:, None], size)
+  rel = jnp.where(at_kth, num_relevant_tied[:, None], rel)
+  # The group's relevant items take its last ``rel`` ranks.
+  return (jnp.arange(k)[None, :] >= above + size - rel) & (v > -jnp.inf)
 
 
 def sampled_rank(pos_score: jnp.ndarray, neg_scores: jnp.ndarray,
@@ -152,9 +148,3 @@ def sampled_metrics(pos_score: jnp.ndarray, neg_scores: jnp.ndarray, k: int = 10
       f"sampled_NDCG@{k}": jnp.where(in_top, 1.0 / jnp.log2(rank + 2.0), 0.0).astype(
           jnp.float32),
   }
-
-
-def masked_mean(values: jnp.ndarray, valid: jnp.ndarray) -> jnp.ndarray:
-  """Mean of ``values`` over ``valid`` entries; 0 when there are none."""
-  count = jnp.sum(valid)
-  return jnp.sum(jnp.where(valid, values, 0.0)) / jnp.maximum(count, 1)

@@ -44,7 +44,8 @@ def _problem(seed=0, num_users=45, num_items=61, dim=16):
 
 
 def _naive_full_ranking(scores, exclude, relevant, k, candidates=None):
-  """Dense mask, full argsort, textbook metrics; float64 throughout."""
+  """Dense mask, full sort, textbook metrics; float64 throughout. Ties count against the
+  relevant items: among equal scores the irrelevant items rank first."""
   scores = np.array(scores, np.float64)
   num_users, num_items = scores.shape
   if candidates is not None:
@@ -56,10 +57,11 @@ def _naive_full_ranking(scores, exclude, relevant, k, candidates=None):
   for u in range(num_users):
     row = scores[u].copy()
     row[[e for e in exclude[u] if e >= 0]] = -np.inf
-    order = [i for i in np.argsort(-row, kind="stable")[:k] if row[i] > -np.inf]
     rel = {r for r in relevant[u] if r >= 0}
     if candidates is not None:
       rel &= set(np.asarray(candidates).tolist())
+    ranked = sorted(range(num_items), key=lambda i: (-row[i], i in rel, i))
+    order = [i for i in ranked[:k] if row[i] > -np.inf]
     if not rel:
       continue
     count += 1
@@ -180,6 +182,53 @@ def test_hand_computed_full_ranking():
                       "Precision@2": 0.25, "MRR@2": 0.25, "num_users": 2.0})
 
 
+def _tied_problem(seed, num_users=40, num_items=37):
+  """Scores with many exact ties (integers 0..3), given as users @ identity."""
+  rng = np.random.default_rng(seed)
+  scores = rng.integers(0, 4, size=(num_users, num_items)).astype(np.float32)
+  scores[0] = 1.0                 # a constant scorer: every item tied
+  scores[1, 5:] = scores[1, :5].min() - 1  # the k-th score tied far beyond rank k
+  exclude = _random_ids(rng, num_users, 5, num_items)
+  relevant = _random_ids(rng, num_users, 6, num_items, min_count=1)
+  return scores, np.eye(num_items, dtype=np.float32), exclude, relevant
+
+
+@pytest.mark.parametrize("k,topk_chunk,item_axes", [
+    (5, 0, None), (10, 2, None),
+    (5, 0, ()), (5, 0, ("fsdp",))])  # sharded over users; over items (ties straddle shards)
+def test_ties_count_against_the_relevant_items(k, topk_chunk, item_axes):
+  scores, items, exclude, relevant = _tied_problem(seed=k + topk_chunk)
+  want = _naive_full_ranking(scores, exclude, relevant, k=k)
+  mesh = None if item_axes is None else _mesh()
+  got = evaluate.evaluate_full_ranking(dot_score, scores, items, exclude, relevant, k=k,
+                                       block_size=8, topk_chunk=topk_chunk, mesh=mesh,
+                                       item_axes=item_axes or ())
+  _assert_close(got, want)
+  # The same ranking with the lowest id first among ties scores higher: the rule matters here.
+  optimistic = _naive_full_ranking(scores - 1e-4 * np.arange(scores.shape[1]), exclude,
+                                   relevant, k=k)
+  assert optimistic[f"NDCG@{k}"] > want[f"NDCG@{k}"] + 0.01
+
+
+def test_constant_scores_hit_nothing():
+  num_users, num_items = 6, 30
+  relevant = np.tile(np.array([[0, 1, 2]], np.int32), (num_users, 1))  # the lowest ids
+  got = evaluate.evaluate_full_ranking(lambda u, i: jnp.zeros((u.shape[0], i.shape[0])),
+                                       np.zeros((num_users, 1), np.float32),
+                                       np.zeros((num_items, 1), np.float32), None, relevant,
+                                       k=10)
+  assert got["HR@10"] == got["NDCG@10"] == got["MRR@10"] == 0.0
+  # With 8 irrelevant items tied (19 excluded), the 3 relevant ones take ranks 9, 10, 11.
+  exclude = np.tile(np.arange(11, 30, dtype=np.int32)[None], (num_users, 1))
+  got = evaluate.evaluate_full_ranking(dot_score, np.ones((num_users, 1), np.float32),
+                                       np.ones((num_items, 1), np.float32), exclude, relevant,
+                                       k=10)
+  _assert_close(got, {"HR@10": 1.0, "NDCG@10": (1 / math.log2(10) + 1 / math.log2(11))
+                      / sum(1 / math.log2(j + 2) for j in range(3)),
+                      "Recall@10": 2 / 3, "Precision@10": 0.2, "MRR@10": 1 / 9,
+                      "num_users": float(num_users)})
+
+
 def test_sample_negatives_properties():
   num_items, num_neg = 30, 10
   rng = np.random.default_rng(7)
@@ -200,15 +249,22 @@ def test_sample_negatives_properties():
 
 
 def test_sample_negatives_uniform():
-  # 15 allowed items, 3 draws x 4000 users: each allowed item expected 800 times, sd ~ 27.
-  num_users, num_items = 4000, 20
+  # 15 allowed items, 3 draws x 200,000 users: each allowed item is expected 40,000 times with
+  # sd ~ 190, so the 2% band (800 = 4.2 sd) is missed by chance with probability < 1e-3 over
+  # all 15 items (and the seed is fixed), while a sampler that favours or starves any item by
+  # 2% or more fails it. Floyd's algorithm makes a low or high rank the likely victim of a
+  # bias; the first and last allowed items are at the edges of the banned ids on purpose.
+  num_users, num_items = 200_000, 20
   exclude = np.tile(np.array([[1, 4, 9, 16]], np.int32), (num_users, 1))
   positive = np.full((num_users,), 12, np.int32)
   neg = evaluate.sample_negatives(exclude, positive, num_items, 3, seed=11)
   counts = np.bincount(neg.reshape(-1), minlength=num_items)
   assert counts[[1, 4, 9, 12, 16]].sum() == 0
   allowed = np.setdiff1d(np.arange(num_items), [1, 4, 9, 12, 16])
-  assert np.all(np.abs(counts[allowed] - 800) < 6 * 27), counts
+  expected = num_users * 3 / allowed.size
+  assert np.all(np.abs(counts[allowed] / expected - 1) < 0.02), counts[allowed] / expected
+  # Distinct within a user: no item drawn twice for anyone.
+  assert np.all((neg[:, 0] != neg[:, 1]) & (neg[:, 0] != neg[:, 2]) & (neg[:, 1] != neg[:, 2]))
 
 
 def test_evaluate_sampled_matches_naive():
