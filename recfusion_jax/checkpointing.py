@@ -37,9 +37,6 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain.checkpoint.CheckpointHandler()})
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def save(self, step: int, state: Any, data_iterator: Any | None = None, *,
            force: bool = False) -> bool:
     items = {"state": ocp.args.StandardSave(state)}

@@ -29,10 +29,7 @@ from flax import nnx
 from recfusion_jax.data.types import Catalogue
 from recfusion_jax.models.fusion import fused_scores
 from recfusion_jax.models.recfusion import RecFusion
-from recfusion_jax.recommend import Recommender
-
-USER_KEYS = ("user_id", "user_has_id", "history", "history_mask")
-CONTENT_KEYS = ("text_ids", "text_mask", "image", "video", "presence")
+from recfusion_jax.recommend import CONTENT_KEYS, USER_KEYS, Recommender
 
 
 def _specs(arrays: Mapping[str, np.ndarray], batch: Any) -> dict[str, jax.ShapeDtypeStruct]:
@@ -113,8 +110,9 @@ def main(argv):
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   from recfusion_jax import checkpointing, train  # pylint: disable=import-outside-toplevel
+  from recfusion_jax.data import sources  # pylint: disable=import-outside-toplevel
   config = flags.FLAGS.config
-  dataset = train.load_dataset(config)
+  dataset = sources.load_dataset(config)
   model = train.create_model(config, dataset)
   graphdef, state = nnx.split(model)
   ckpt = checkpointing.Checkpointer(os.path.join(flags.FLAGS.workdir, "checkpoints"),

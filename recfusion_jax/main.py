@@ -27,17 +27,11 @@ def _multi_process_environment() -> bool:
   return any(os.environ.get(k) for k in keys) and os.environ.get("SLURM_NTASKS", "2") != "1"
 
 
-class _QuietLibraries:
-  """Keeps Orbax's per-save INFO chatter out of the training log (warnings still pass)."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or "orbax" not in record.pathname
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietLibraries())
   import jax  # pylint: disable=import-outside-toplevel
+  from recfusion_jax import writers  # pylint: disable=import-outside-toplevel
+  writers.setup_logging()
   distributed = _DISTRIBUTED.value
   if distributed is None:
     distributed = _multi_process_environment()

@@ -20,7 +20,9 @@ from recfusion_jax.data.types import Catalogue
 from recfusion_jax.models.fusion import fused_scores
 from recfusion_jax.models.recfusion import RecFusion
 
-_CONTENT_KEYS = ("text_ids", "text_mask", "image", "video", "presence")
+# Inputs of the content encoder and of the user encoder (also the serving programs' inputs).
+CONTENT_KEYS = ("text_ids", "text_mask", "image", "video", "presence")
+USER_KEYS = ("user_id", "user_has_id", "history", "history_mask")
 
 
 def _pad_rows(arrays: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
@@ -58,19 +60,12 @@ class Recommender:
     self._table = jax.jit(functools.partial(_item_table, self.graphdef))
     self._users = jax.jit(functools.partial(_encode_users, self.graphdef))
 
-  def with_state(self, state: Any) -> "Recommender":
-    """The same recommender on another (e.g. freshly trained) model state."""
-    clone = object.__new__(Recommender)
-    clone.__dict__.update(self.__dict__)
-    clone.state = state
-    return clone
-
   def encode_catalogue(self, catalogue: Catalogue,
                        item_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-modality embeddings [N, M, d] and presence [N, M] of (a subset of) the catalogue."""
     ids = np.arange(catalogue.num_items) if item_ids is None else np.asarray(item_ids)
     content = catalogue.content(ids)
-    content = {k: content[k] for k in _CONTENT_KEYS if k in content}
+    content = {k: content[k] for k in CONTENT_KEYS if k in content}
     return chunked(lambda c: self._encode(self.state, c), content, self.chunk)
 
   def item_table(self, catalogue: Catalogue, content_emb: np.ndarray | None = None,
@@ -106,8 +101,8 @@ def _item_table(graphdef, state, x):
 
 def _encode_users(graphdef, state, x):
   model = nnx.merge(graphdef, state)
-  users = model.encode_users(x["user_id"], x["user_has_id"], x["history"], x["history_mask"])
+  users = model.encode_users(*(x[key] for key in USER_KEYS))
   return {k: v for k, v in users.items() if v is not None}
 
 
-__all__ = ["Recommender", "chunked"]
+__all__ = ["CONTENT_KEYS", "USER_KEYS", "Recommender", "chunked"]

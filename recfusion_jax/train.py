@@ -1,19 +1,21 @@
 """The training loop: config -> data -> sharded model -> steps -> checkpoints -> evaluation.
 
 One readable loop, in order:
-  1. data set and Grain iterator (each process reads its own share of the examples);
+  1. data set (``data.sources``) and Grain iterator (each process reads its share);
   2. model + optimizer, split into (graphdef, state); the state is put on the mesh by the rules
      in ``sharding.py``; a checkpoint, if any, is restored straight onto those shardings;
   3. the jitted train step with explicit in/out shardings and the state donated;
-  4. every ``log_every`` steps: each loss term, learning rate, examples/s to console + file;
-     every ``cache_refresh_every`` steps: re-encode the whole catalogue into the item cache;
-     every ``checkpoint_every`` steps and at the end: an asynchronous Orbax checkpoint;
-  5. full-ranking evaluation of the final model on the held-out interactions.
+  4. every ``log_every`` steps: each loss term, learning rate, gate weights and examples/s to
+     the console, TensorBoard and metrics.jsonl (clu writers), steps/s and ETA (clu
+     ``ReportProgress``); every ``cache_refresh_every`` steps: re-encode the whole catalogue
+     into the item cache; every ``checkpoint_every`` steps and at the end: an asynchronous
+     Orbax checkpoint;
+  5. ``train_and_evaluate`` only: full-ranking evaluation of the final model
+     (``model_eval.evaluate_model``, the benchmark runner's path).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -28,33 +30,12 @@ import numpy as np
 import optax
 from flax import nnx
 
-from recfusion_jax import checkpointing, losses, sharding
-from recfusion_jax.data import examples, pipeline
+from clu import periodic_actions
+
+from recfusion_jax import checkpointing, losses, model_eval, sharding, writers
+from recfusion_jax.data import examples, pipeline, sources
 from recfusion_jax.data.types import RecDataset
 from recfusion_jax.models.recfusion import RecFusion, source_names
-from recfusion_jax.recommend import Recommender, chunked
-
-
-def load_dataset(config: ml_collections.ConfigDict) -> RecDataset:
-  """The RecDataset named by ``config.data.source``."""
-  if config.data.source == "synthetic":
-    from data_prep.synthetic import make_synthetic  # pylint: disable=import-outside-toplevel
-    return make_synthetic(seed=config.seed, **config.data.synthetic.to_dict())
-  if config.data.source == "movielens":
-    from recfusion_jax.data.movielens import load_movielens  # pylint: disable=import-outside-toplevel
-    dataset = load_movielens(config.data.dir, config.data.protocol, seed=config.data.split_seed)
-    return truncate_text(dataset, config.data.get("text_len"))
-  raise ValueError(f"unknown data.source {config.data.source!r}")
-
-
-def truncate_text(dataset: RecDataset, text_len: int | None) -> RecDataset:
-  """Keeps the first ``text_len`` tokens of every item (a cheaper text stem on small machines)."""
-  cat = dataset.catalogue
-  if not text_len or cat.text_ids is None or cat.text_ids.shape[1] <= text_len:
-    return dataset
-  cat = dataclasses.replace(cat, text_ids=cat.text_ids[:, :text_len],
-                            text_mask=cat.text_mask[:, :text_len])
-  return dataclasses.replace(dataset, catalogue=cat)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
@@ -174,22 +155,6 @@ def refresh_cache(refresh_fn, state, dataset: RecDataset, chunk: int) -> Any:
   return state
 
 
-class MetricsWriter:
-  """Console + JSON-lines metrics (process 0 writes, every process may log)."""
-
-  def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self.enabled = jax.process_index() == 0
-
-  def write(self, step: int, values: Mapping[str, Any]) -> None:
-    clean = {k: (np.asarray(v).tolist() if np.ndim(v) else float(v)) for k, v in values.items()}
-    logging.info("step %d: %s", step, " ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in clean.items()))
-    if self.enabled:
-      with open(self.path, "a") as f:
-        f.write(json.dumps({"step": step, **clean}) + "\n")
-
-
 class TrainedModel(NamedTuple):
   """What ``train_model`` returns: the final model (host copy), its data, mesh and logs."""
 
@@ -203,10 +168,11 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
                 dataset: RecDataset | None = None) -> TrainedModel:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints); no evaluation.
 
-  ``dataset`` overrides ``load_dataset(config)`` (e.g. a benchmark protocol's train+valid fit).
+  ``dataset`` overrides ``data.sources.load_dataset(config)`` (e.g. a benchmark protocol's
+  train+valid fit).
   """
   os.makedirs(workdir, exist_ok=True)
-  dataset = load_dataset(config) if dataset is None else dataset
+  dataset = sources.load_dataset(config) if dataset is None else dataset
   logging.info("data %s: %d users, %d items, %d train / %d valid / %d test, %d cold items",
                dataset.name, dataset.num_users, dataset.catalogue.num_items, len(dataset.train),
                len(dataset.valid), len(dataset.test), len(dataset.cold_items))
@@ -243,7 +209,10 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
                            logq_weight=config.get("logq_weight", 1.0),
                            full_catalogue=rec_loss_is_full(config))
   refresh_fn = _refresh_cache_fn(graphdef, state_shardings)
-  writer = MetricsWriter(workdir)
+  writer = writers.create_writer(workdir)
+  report_progress = periodic_actions.ReportProgress(
+      num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every,
+      every_secs=None)
   names = source_names(model)
   if start_step == 0:
     state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
@@ -253,18 +222,20 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   for step in range(start_step + 1, config.num_steps + 1):
     batch = pipeline.make_global_batch(next(data_iter), mesh)
     state, metrics = step_fn(state, batch)
+    report_progress(step)
     if step % config.cache_refresh_every == 0:
       state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
     if step % config.log_every == 0 or step == config.num_steps:
       metrics = jax.device_get(metrics)
       now = time.perf_counter()
-      values = {k: v for k, v in metrics.items() if k != "gate_weights"}
-      values.update({f"gate/{n}": w for n, w in zip(names, metrics["gate_weights"])})
+      values = {k: float(v) for k, v in metrics.items() if k != "gate_weights"}
+      values.update({f"gate/{n}": float(w) for n, w in zip(names, metrics["gate_weights"])})
       values["examples_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
-      writer.write(step, values)
-      history.append({"step": step, **{k: float(v) for k, v in values.items()}})
+      writer.write_scalars(step, values)
+      history.append({"step": step, **values})
       tick, tick_step = time.perf_counter(), step
     ckpt.save(step, state, data_iter, force=step == config.num_steps)
+  writer.close()
   ckpt.wait()
   ckpt.close()
 
@@ -278,50 +249,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model, dataset, mesh, history = train_model(config, workdir)
   # With one process the evaluation is sharded over the mesh; with several, every process ranks
   # all users on its own devices (same result on each).
-  results = evaluate_model(model, dataset, config, mesh if jax.process_count() == 1 else None,
-                           split=config.get("eval_split", "test"))
+  results = model_eval.evaluate_model(model, dataset, config,
+                                      mesh if jax.process_count() == 1 else None,
+                                      split=config.get("eval_split", "test"))
   results["train_history"] = history
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
   logging.info("evaluation: %s", {k: v for k, v in results.items() if k != "train_history"})
   return results
-
-
-def _dot_scores(users, items):
-  return users["emb"] @ items["emb"].T
-
-
-def evaluate_model(model: RecFusion, dataset: RecDataset, config: ml_collections.ConfigDict,
-                   mesh=None, split: str = "test") -> dict[str, Any]:
-  """Full-ranking metrics on ``split``: warm items among the whole catalogue (training items
-  excluded) and cold items among the cold items only, scored from content alone."""
-  from recfusion_jax import evaluate  # pylint: disable=import-outside-toplevel
-
-  rec = Recommender(model, chunk=config.eval_block_size)
-  table = rec.item_table(dataset.catalogue)
-  heldout = getattr(dataset, split)
-  cold = np.zeros(dataset.catalogue.num_items, bool)
-  cold[dataset.cold_items] = True
-  # Chance level, measured: the same protocol with random user/item vectors (with several
-  # relevant items per user it is well above 10 / num_candidates).
-  rng = np.random.default_rng(0)
-  random_items = {"emb": rng.normal(size=(dataset.catalogue.num_items, 8)).astype(np.float32)}
-  out: dict[str, Any] = {}
-  groups = {"warm": heldout.select(~cold[heldout.item]),
-            "cold_items": heldout.select(cold[heldout.item])}
-  for name, part in groups.items():
-    if len(part) == 0:
-      continue
-    users = np.unique(part.user)
-    kwargs = dict(k=10, block_size=config.eval_block_size, mesh=mesh,
-                  candidate_items=dataset.cold_items if name == "cold_items" else None)
-    exclude = examples.train_items_of(dataset, users)
-    relevant = examples.heldout_items_of(part, users, dataset.num_users)
-    reps = rec.encode_users(examples.user_eval_inputs(dataset, users, config.model.user.history_len))
-    out[name] = evaluate.evaluate_full_ranking(rec.score_fn(), reps, table, exclude, relevant,
-                                               **kwargs)
-    random_users = {"emb": rng.normal(size=(len(users), 8)).astype(np.float32)}
-    out[name + "_random"] = evaluate.evaluate_full_ranking(
-        _dot_scores, random_users, random_items, exclude, relevant, **kwargs)
-  return out

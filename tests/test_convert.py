@@ -16,6 +16,7 @@ from flax import nnx
 from recfusion_jax import convert
 from recfusion_jax.convert.__main__ import main as convert_main
 from recfusion_jax.models.encoder import ContentEncoder, l2_normalize, pool
+from tests.helpers import run_absl_main
 
 TOL = 1e-5
 
@@ -389,7 +390,8 @@ def test_cli_round_trip(tmp_path):
   safetensors.numpy.save_file(tensors, str(hf_dir / "model.safetensors"))
   (hf_dir / "vocab.txt").write_text("\n".join(f"tok{i}" for i in range(50)))
   (hf_dir / "tokenizer_config.json").write_text("{}")
-  assert convert_main(["--hf", str(hf_dir), "--out", str(out), "--max_len", "11"]) == 0
+  assert run_absl_main(convert_main, ["convert", "--hf", str(hf_dir), "--out", str(out),
+                                      "--max_len", "11"]) == 0
   assert sorted(p.name for p in (out / "tokenizer").iterdir()) == [
       "tokenizer_config.json", "vocab.txt"]
   meta = json.loads((out / "encoder.json").read_text())

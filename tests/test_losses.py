@@ -396,16 +396,6 @@ def test_only_positive_left_gives_zero_loss_and_finite_gradient():
   np.testing.assert_allclose(g_log_q, ref_g_log_q, rtol=_RTOL, atol=_ATOL)
 
 
-def test_total_loss():
-  rec, contrastive = jnp.float32(1.25), jnp.float32(3.5)
-  assert float(losses.total_loss(rec, contrastive, 0.0)) == 1.25
-  assert float(losses.total_loss(rec, contrastive, 0.1)) == pytest.approx(1.25 + 0.35, rel=1e-6)
-  g_rec, g_con = jax.grad(losses.total_loss, argnums=(0, 1))(rec, contrastive, 0.0)
-  assert float(g_rec) == 1.0 and float(g_con) == 0.0
-  g_rec, g_con = jax.grad(losses.total_loss, argnums=(0, 1))(rec, contrastive, 0.1)
-  assert float(g_rec) == 1.0 and float(g_con) == pytest.approx(0.1)
-
-
 # ----------------------------------------------------------------------------- symmetry
 
 

@@ -73,11 +73,22 @@ def test_cold_item_without_id_scores_from_content():
 def test_user_without_history_or_id_gets_a_representation():
   config = tiny_config()
   model = _model(config)
-  users = model.encode_users(jnp.zeros(2, jnp.int32), jnp.zeros(2, bool),
-                             jnp.zeros((2, 6), jnp.int32), jnp.zeros((2, 6), bool))
+  model.eval()
+  # Users 0-1: no ID, every history slot masked (but different ids behind the mask); user 2
+  # has one visible history item; user 3 the same with its ID.
+  history = np.array([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12], [1, 2, 3, 4, 5, 6],
+                      [1, 2, 3, 4, 5, 6]], np.int32)
+  mask = np.zeros((4, 6), bool)
+  mask[2:, -1] = True
+  users = model.encode_users(jnp.array([0, 1, 2, 2], jnp.int32),
+                             jnp.array([False, False, False, True]), jnp.asarray(history),
+                             jnp.asarray(mask))
   emb = np.asarray(users["emb"])
   assert np.all(np.isfinite(emb))
-  np.testing.assert_allclose(np.linalg.norm(emb, axis=-1), 1.0, rtol=1e-5)
+  # Masked history and an unused ID change nothing: both empty users get the same vector...
+  np.testing.assert_allclose(emb[0], emb[1], rtol=1e-6, atol=1e-7)
+  # ...while one visible history item, and then the user's ID, each change it.
+  assert np.abs(emb[2] - emb[0]).max() > 1e-3 and np.abs(emb[3] - emb[2]).max() > 1e-3
 
 
 def test_recommender_scores_equal_training_logits():
@@ -152,3 +163,27 @@ def test_separate_towers_have_one_trunk_per_modality():
   count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m.encoder, nnx.Param)))
   trunk = sum(x.size for x in jax.tree.leaves(nnx.state(unified.encoder.trunk, nnx.Param)))
   assert count(towers) == count(unified) + 2 * trunk
+
+
+def test_total_loss_wires_the_contrastive_weight():
+  """compute_losses: total = rec + lambda * contrastive, and lambda = 0 (the no_contrastive
+  ablation) leaves exactly the recommendation gradient."""
+  from recfusion_jax import train  # pylint: disable=import-outside-toplevel
+  config = tiny_config()
+  model = _model(config)
+  model.eval()   # no ID dropout: every call below sees the same sources
+  batch = {k: jnp.asarray(v) for k, v in random_batch(config, B, NUM_USERS, NUM_ITEMS).items()}
+  total, aux = train.compute_losses(model, batch, 0.3)
+  np.testing.assert_allclose(float(total), float(aux["rec_loss"])
+                             + 0.3 * float(aux["contrastive_loss"]), rtol=1e-6)
+  assert float(aux["contrastive_loss"]) > 0.1   # the term is there to be switched off
+
+  def grads(weight, key):
+    fn = lambda m: train.compute_losses(m, batch, weight)[1][key] if key else (
+        train.compute_losses(m, batch, weight)[0])
+    return jax.tree.leaves(nnx.grad(fn)(model))
+
+  for got, want in zip(grads(0.0, None), grads(0.0, "rec_loss")):
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-8)
+  assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-6
+             for a, b in zip(grads(0.3, None), grads(0.0, None)))

@@ -58,10 +58,10 @@ def test_batches_follow_contract_and_gather(small):
 def test_checkpoint_restore_resumes_exactly(small, skip):
   iterator = _iterator(small)
   _take(iterator, skip)
-  state = json.loads(json.dumps(pipeline.iterator_state(iterator)))  # must be JSON-able
+  state = json.loads(json.dumps(iterator.get_state()))  # must be JSON-able
   expected = _take(iterator, 4)
   fresh = _iterator(small)
-  pipeline.restore_iterator_state(fresh, state)
+  fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 4), expected)
 
 
@@ -84,13 +84,13 @@ def test_worker_processes_give_the_same_stream_and_resume(small):
   iterator = _iterator(small, num_workers=1)
   try:
     got = _take(iterator, 5)
-    state = pipeline.iterator_state(iterator)
+    state = iterator.get_state()
   finally:
     iterator.close()
   _assert_batches_equal(got, expected[:5])
   resumed = _iterator(small, num_workers=1)
   try:
-    pipeline.restore_iterator_state(resumed, state)
+    resumed.set_state(state)
     _assert_batches_equal(_take(resumed, 3), expected[5:])
   finally:
     resumed.close()

@@ -1,21 +1,17 @@
 """Tests of the synthetic data set: contract, determinism, splits, planted structure."""
 
-import time
-
 import ml_collections
 import numpy as np
 import pytest
 
-from recfusion_jax.data.synthetic import (SyntheticConfig, make_synthetic, make_synthetic_with_truth,
-                                 resolve_config)
+from recfusion_jax.data.synthetic import (SyntheticConfig, make_synthetic,
+                                          make_synthetic_with_truth, resolve_config)
 from recfusion_jax.data.types import MODALITIES, RecDataset
 
 
 @pytest.fixture(scope="module")
 def default():
-  start = time.perf_counter()
-  dataset, truth = make_synthetic_with_truth()
-  return dataset, truth, time.perf_counter() - start
+  return make_synthetic_with_truth()
 
 
 def _arrays(dataset: RecDataset) -> dict[str, np.ndarray]:
@@ -31,7 +27,7 @@ def _arrays(dataset: RecDataset) -> dict[str, np.ndarray]:
 
 
 def test_contract_shapes_and_dtypes(default):
-  dataset, _, seconds = default
+  dataset, _ = default
   cfg = SyntheticConfig()
   n, s = cfg.num_items, cfg.image_size
   c = dataset.catalogue
@@ -52,7 +48,6 @@ def test_contract_shapes_and_dtypes(default):
   # Text: 0 only (and always) on padding, padding after the tokens.
   assert ((c.text_ids != 0) == c.text_mask).all()
   assert (np.diff(c.text_mask.astype(int), axis=1) <= 0).all()
-  assert seconds < 5.0  # ~0.25 s alone; slack for a shared CPU
 
 
 def test_deterministic_by_seed():
@@ -65,7 +60,7 @@ def test_deterministic_by_seed():
 
 
 def test_leave_one_out_and_cold_items(default):
-  dataset, truth, _ = default
+  dataset, truth = default
   train, valid, test = dataset.train, dataset.valid, dataset.test
   held_out = truth.held_out_items
   assert held_out.size == round(0.1 * dataset.catalogue.num_items)
@@ -154,7 +149,7 @@ def test_noise_modality_is_independent_of_topic(noise):
 
 
 def test_video_moves_with_topic_velocity(default):
-  dataset, truth, _ = default
+  dataset, truth = default
   c = dataset.catalogue
   item = int(np.flatnonzero(c.presence[:, 2])[0])
   k = truth.item_topic[item]
@@ -174,7 +169,7 @@ def test_video_moves_with_topic_velocity(default):
 
 def test_topic_model_ranks_far_above_chance(default):
   """An oracle-topic recommender (user topic histogram x item popularity) beats chance 10x."""
-  dataset, truth, _ = default
+  dataset, truth = default
   n, k = dataset.catalogue.num_items, truth.image_templates.shape[0]
   train = dataset.train
   user_topics = np.zeros((dataset.num_users, k))

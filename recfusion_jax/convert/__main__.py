@@ -10,41 +10,35 @@ DIR/tokenizer; point a training config's ``init_from`` at DIR.
 
 from __future__ import annotations
 
-import argparse
-import sys
-from typing import Sequence
+from absl import app
+from absl import flags
 
 from recfusion_jax.convert.checkpoint import convert_hf, save_converted
 
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog="python -m recfusion_jax.convert",
-      description="Hugging Face BERT / ViT / CLIP folder(s) -> RecFusion encoder checkpoint.")
-  parser.add_argument("--hf", action="append", required=True, metavar="PATH",
-                      help="HF or sentence-transformers folder; repeat to combine checkpoints "
-                           "(each modality from one of them)")
-  parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
-  parser.add_argument("--modality", action="append", choices=("text", "image"),
-                      help="import only these towers (repeatable; default: all)")
-  parser.add_argument("--unified", action=argparse.BooleanOptionalAction, default=None,
-                      help="one shared trunk (default) or separate towers (--no-unified; the "
-                           "default for a two-tower CLIP folder)")
-  parser.add_argument("--trunk_from", choices=("text", "image"),
-                      help="unified: which modality's tower becomes the shared trunk "
-                           "(default: the first checkpoint's first tower)")
-  parser.add_argument("--max_len", type=int,
-                      help="text positions to keep (default: all of the checkpoint's); the "
-                           "rest of the position table is dropped and reported")
-  parser.add_argument("--force", action="store_true", help="overwrite DIR/params")
-  return parser.parse_args(argv)
+_HF = flags.DEFINE_multi_string(
+    "hf", None, "HF or sentence-transformers folder; repeat to combine checkpoints (each "
+    "modality from one of them).", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_MODALITY = flags.DEFINE_multi_enum("modality", None, ["text", "image"],
+                                    "Import only these towers (repeatable; default: all).")
+_UNIFIED = flags.DEFINE_bool(
+    "unified", None, "One shared trunk (default) or separate towers (--nounified; the default "
+    "for a two-tower CLIP folder).")
+_TRUNK_FROM = flags.DEFINE_enum(
+    "trunk_from", None, ["text", "image"], "Unified: which modality's tower becomes the shared "
+    "trunk (default: the first checkpoint's first tower).")
+_MAX_LEN = flags.DEFINE_integer(
+    "max_len", None, "Text positions to keep (default: all of the checkpoint's); the rest of "
+    "the position table is dropped and reported.")
+_FORCE = flags.DEFINE_bool("force", False, "Overwrite DIR/params.")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-  args = parse_args(argv)
-  converted = convert_hf(args.hf, modalities=args.modality, unified=args.unified,
-                         trunk_from=args.trunk_from, max_len=args.max_len)
-  out = save_converted(converted, args.out, force=args.force)
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  converted = convert_hf(_HF.value, modalities=_MODALITY.value, unified=_UNIFIED.value,
+                         trunk_from=_TRUNK_FROM.value, max_len=_MAX_LEN.value)
+  out = save_converted(converted, _OUT.value, force=_FORCE.value)
   for report in converted.reports:
     print(report.summary())
   for path in converted.not_filled:
@@ -55,4 +49,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  app.run(main)

@@ -11,7 +11,7 @@ see every example exactly once per epoch. The range is padded up to a multiple o
 count (padding ids become masked rows) so every process yields the same number of batches.
 
 Checkpointing: the returned ``grain.DatasetIterator`` has ``get_state``/``set_state`` (JSON-able
-dicts, see ``iterator_state``/``restore_iterator_state``). With Orbax, save it next to the model::
+dicts). With Orbax, save it next to the model (``checkpointing.Checkpointer`` does)::
 
   manager.save(step, args=ocp.args.Composite(
       state=..., data=grain.checkpoint.CheckpointSave(iterator)))
@@ -35,8 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from recfusion_jax.data.examples import TrainBatchFn, TrainExampleIndex, item_log_q
 from recfusion_jax.data.types import RecDataset
-
-DEFAULT_BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+from recfusion_jax.sharding import DATA_AXES
 
 
 class _BatchExampleIds:
@@ -119,8 +118,8 @@ def example_id_batches(num_examples: int, batch_size: int, *, seed: int,
 
   Each epoch is a fresh permutation (seeded by ``seed`` and the epoch number); batches run
   across epoch boundaries, and only the last batch of a finite run has trailing padding.
-  Computed per batch with numpy: grain's per-element shuffle/slice/batch path costs ~20 us
-  per example, ~15x the cost of gathering the batch itself.
+  Computed per batch with numpy: grain's per-element shuffle/slice/batch path costs many
+  times more per example than gathering the batch itself.
   """
   if num_examples < 1:
     raise ValueError(f"num_examples must be >= 1, got {num_examples}")
@@ -187,18 +186,8 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
   return iter(it_ds)
 
 
-def iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:
-  """The iterator's position, a JSON-able dict (what grain.checkpoint.CheckpointSave writes)."""
-  return iterator.get_state()
-
-
-def restore_iterator_state(iterator: grain.DatasetIterator, state: dict[str, Any]) -> None:
-  """Moves ``iterator`` (built with the same arguments) to a saved position."""
-  iterator.set_state(state)
-
-
 def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
-                      batch_axes: tuple[str, ...] | str = DEFAULT_BATCH_AXES
+                      batch_axes: tuple[str, ...] | str = DATA_AXES
                       ) -> dict[str, jax.Array]:
   """Assembles global arrays from each process's local batch.
 

@@ -132,8 +132,8 @@ class RecFusion(nnx.Module):
     cache): the user model, the gate and the ID table then see every negative every step,
     while the encoder is trained only by the in-batch term. Letting the encoder's gradient in
     through the positives alone would be biased -- a pull on each positive and no push on the
-    cached negatives -- and collapses all content toward the average user (measured: the loss
-    climbs back toward uniform within a few hundred steps).
+    cached negatives -- and collapses all content toward the average user (measured, see
+    docs/TUNING.md).
     """
     content_emb, presence = self.encode_content(batch)
     item_id = batch["item_id"]

@@ -1,0 +1,123 @@
+"""Fitting one model on one protocol/seed into a ``baselines.common.Ranker``, and scoring it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+from recfusion_jax import config_lib, evaluate, model_eval, train
+from recfusion_jax.baselines import chance
+from recfusion_jax.baselines.common import Ranker, rank_split, sampled_split, tune_and_fit
+from recfusion_jax.benchmark import registry
+from recfusion_jax.benchmark.protocols import ProtocolData, split_seed
+from recfusion_jax.data import sources
+from recfusion_jax.data.types import Catalogue, RecDataset
+from recfusion_jax.recommend import Recommender
+
+
+def evaluate_ranker(ranker: Ranker, pdata: ProtocolData) -> dict[str, float]:
+  """Headline full-ranking metrics, the sampled protocol beside them, and subset slices."""
+  out = rank_split(ranker, pdata.fit, pdata.heldout, candidate_items=pdata.candidate_items)
+  out.update(sampled_split(ranker, pdata.fit, pdata.heldout,
+                           candidate_items=pdata.candidate_items))
+  for name, part in pdata.subsets.items():
+    if len(part):
+      sub = rank_split(ranker, pdata.fit, part)
+      out.update({f"{name}_{key}": value for key, value in sub.items()})
+  return out
+
+
+def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+  with open(path, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+
+
+def fit_baseline(name: str, pdata: ProtocolData, run_dir: str, *, quick: bool = False
+                 ) -> tuple[Ranker, dict[str, Any]]:
+  """Tunes on valid, refits, writes the final fit's loss curve; returns (ranker, info)."""
+  spec = registry.BASELINES[name]
+  grid, max_epochs, eval_every = spec.grid, spec.max_epochs, spec.eval_every
+  if quick:
+    grid, max_epochs, eval_every = grid[:2], min(max_epochs, 2), 1
+  factory = spec.factory
+  if factory.iterative or factory is chance.RandomScores:
+    factory = functools.partial(factory, seed=pdata.seed)
+  model, tuned = tune_and_fit(factory, pdata.tune, pdata.fit, grid, max_epochs=max_epochs,
+                              eval_every=eval_every)
+  os.makedirs(run_dir, exist_ok=True)
+  write_jsonl(os.path.join(run_dir, "metrics.jsonl"),
+              [{"step": e + 1, "loss": loss} for e, loss in enumerate(tuned.losses)])
+  info = {"params": tuned.params, "epochs": tuned.epochs, "valid_NDCG@10": tuned.valid_ndcg}
+  with open(os.path.join(run_dir, "tune.json"), "w", encoding="utf-8") as f:
+    json.dump({**info, "log": tuned.log}, f, indent=1)
+  return model.ranker(), info
+
+
+def content_config(name: str, base: ml_collections.ConfigDict, protocol: str, seed: int, *,
+                   steps: int | None = None, quick: bool = False) -> ml_collections.ConfigDict:
+  """The RecFusion config of content model ``name``: the suite's ``base`` config (from
+  ``--config``, overrides included) with the model's change applied."""
+  config = base.copy_and_resolve_references()
+  if config.data.source == "movielens":
+    config.data.protocol = protocol
+    config.data.split_seed = split_seed(protocol, seed)
+    config.data.history = config_lib.history_for_protocol(protocol)
+  config.seed = seed
+  registry.CONTENT_MODELS[name](config)
+  if quick:
+    # Smoke test: a handful of steps of a smaller batch; the synthetic suite also shrinks the
+    # model to the test configuration's size.
+    config.num_steps, config.batch_size = 4, 32
+    config.optimizer.warmup_steps = 1
+    if config.data.source == "synthetic":
+      m = config.model
+      m.embed_dim, m.encoder.width, m.encoder.mlp_dim, m.encoder.depth = 16, 16, 32, 1
+      m.user.history_len = 6
+  if steps is not None:
+    config.num_steps = steps   # 0: evaluates the initialised model (a pipeline check)
+  config.log_every = max(1, min(config.log_every, config.num_steps // 5))
+  config.checkpoint_every = max(1, config.num_steps)
+  return config
+
+
+def _with_catalogue(dataset: RecDataset, catalogue: Catalogue, text_len: int | None
+                    ) -> RecDataset:
+  return sources.truncate_text(dataclasses.replace(dataset, catalogue=catalogue), text_len)
+
+
+def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.ConfigDict,
+                      run_dir: str, *, steps: int | None = None, quick: bool = False
+                      ) -> tuple[Ranker, Any, Catalogue, dict[str, Any]]:
+  """Trains (or resumes) a RecFusion config; returns (ranker, model, eval catalogue, info)."""
+  config = content_config(name, base, pdata.protocol, pdata.seed, steps=steps, quick=quick)
+  text_len = config.data.get("text_len")
+  fit = _with_catalogue(pdata.fit, pdata.fit.catalogue, text_len)
+  trained = train.train_model(config, run_dir, dataset=fit)
+  catalogue = _with_catalogue(fit, pdata.catalogue, text_len).catalogue
+  ranker = model_eval.model_ranker(trained.model, fit, catalogue,
+                                   history_len=config.model.user.history_len,
+                                   chunk=config.eval_block_size)
+  info = {"num_steps": config.num_steps, "batch_size": config.batch_size}
+  return ranker, trained.model, catalogue, info
+
+
+def retrieval_metrics(model: Any, catalogue: Catalogue, items: np.ndarray,
+                      chunk: int = 256) -> dict[str, float]:
+  """text->image and image->text R@1/5/10 among ``items`` that have both modalities."""
+  t, i = model.modalities.index("text"), model.modalities.index("image")
+  emb, presence = Recommender(model, chunk=chunk).encode_catalogue(catalogue, items)
+  both = presence[:, t] & presence[:, i]
+  if not both.any():
+    raise ValueError("no held-out item has both text and image")
+  out = {"num_items": float(both.sum())}
+  for direction, (q, k) in {"text_to_image": (t, i), "image_to_text": (i, t)}.items():
+    scores = evaluate.cross_modal_retrieval(emb[both, q], emb[both, k])
+    out.update({f"{direction}_{key}": value for key, value in scores.items()})
+  return out

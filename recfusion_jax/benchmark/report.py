@@ -1,0 +1,201 @@
+"""Results of a benchmark run: aggregation over seeds, RESULTS.md, training-curve and ablation
+plots."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from recfusion_jax.benchmark import registry
+from recfusion_jax.benchmark.registry import (ABLATION_GROUP, BASELINES, HEADLINE, RETRIEVAL,
+                                              SAMPLED, SUBSETS)
+
+if TYPE_CHECKING:
+  from recfusion_jax.benchmark.runner import Options
+
+
+def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
+  """{protocol: {model: {metric: mean, metric_std: sample std, num_seeds, wall_s}}}."""
+  grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+  for r in records:
+    grouped.setdefault((r["protocol"], r["model"]), []).append(r)
+  out: dict[str, dict[str, dict[str, float]]] = {}
+  for (protocol, model), rows in grouped.items():
+    entry: dict[str, float] = {}
+    keys = sorted({key for row in rows for key in row["metrics"]})
+    for key in keys:
+      values = np.asarray([row["metrics"][key] for row in rows if key in row["metrics"]],
+                          np.float64)
+      entry[key] = float(np.mean(values))
+      entry[key + "_std"] = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+    entry["num_seeds"] = len(rows)
+    entry["wall_s"] = float(np.mean([row["wall_s"] for row in rows]))
+    out.setdefault(protocol, {})[model] = entry
+  return out
+
+
+def machine_description() -> str:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                 cpu)
+  except OSError:
+    pass
+  devices = jax.devices()
+  return (f"{cpu}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}; "
+          f"JAX {jax.__version__} on {len(devices)} x {devices[0].device_kind} "
+          f"({devices[0].platform})")
+
+
+def _cell(entry: Mapping[str, float], key: str) -> str:
+  if key not in entry:
+    return "-"
+  std = entry.get(key + "_std", 0.0)
+  return f"{entry[key]:.4f} ± {std:.4f}" if entry.get("num_seeds", 1) > 1 else f"{entry[key]:.4f}"
+
+
+def _table(results: Mapping[str, Mapping[str, float]], models: Sequence[str],
+           columns: Sequence[str]) -> list[str]:
+  lines = ["| model | " + " | ".join(columns) + " | seeds | wall s / seed |",
+           "|---" * (len(columns) + 3) + "|"]
+  for model in models:
+    if model in results:
+      e = results[model]
+      lines.append(f"| {model} | " + " | ".join(_cell(e, c) for c in columns)
+                   + f" | {int(e['num_seeds'])} | {e['wall_s']:.1f} |")
+  return lines
+
+
+def write_markdown(path: str, results: Mapping[str, Any], opts: "Options", machine: str,
+                   total_wall_s: float, plots: Sequence[str]) -> None:
+  """RESULTS.md: command, machine, protocol notes and one table per protocol."""
+  lines = [f"# RecFusion-JAX benchmark: {opts.suite}", "",
+           f"- command: `{opts.command}`",
+           f"- machine: {machine}",
+           f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total wall time "
+           f"{total_wall_s / 60:.1f} min",
+           f"- scored on `{opts.split}`; "
+           + ("hyper-parameters tuned on `valid` with train-only fits, final fits on "
+              "train + valid" if opts.split == "test" and opts.refit else
+              "final fits on train only"),
+           "- headline metrics: full ranking over the catalogue, excluding each user's "
+           "known items of the fit period (MovieLens: every rating, whatever its value), "
+           "ties counted against the held-out item; "
+           "`sampled_*`: each user's latest held-out item among 99 uniform negatives "
+           "(not comparable to full ranking)",
+           "- mean ± sample std over seeds; wall time per seed covers tuning, fitting and "
+           "evaluation" + (" (**--quick smoke test: numbers are not results**)"
+                           if opts.quick else ""),
+           ""]
+  models = [m for m in opts.models]
+  for protocol in opts.protocols:
+    if protocol not in results:
+      continue
+    lines.append(f"## {protocol}")
+    lines.append("")
+    if protocol == "retrieval":
+      lines += _table(results[protocol], models, RETRIEVAL)
+      lines.append("")
+      lines.append("Among the cold_items protocol's held-out items that have both text and "
+                   "poster, from the model fitted for cold_items.")
+    else:
+      lines += _table(results[protocol], models, HEADLINE + SAMPLED)
+      if protocol == "cold_items":
+        lines += ["", "Ranked among the held-out cold items only (the candidate set)."]
+      if protocol == "missing_modality":
+        lines += ["", "Slices of the test set: items missing a modality naturally, and items "
+                  "whose modality was dropped by the test-time mask (full ranking):", ""]
+        lines += _table(results[protocol], models,
+                        [f"{s}_{m}" for s in SUBSETS for m in ("HR@10", "NDCG@10")])
+    skipped = [m for m in models if not registry.applies(m, protocol)]
+    if skipped:
+      lines += ["", f"Not applicable: {', '.join(skipped)}."]
+    lines.append("")
+  if plots:
+    lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
+                                 for p in plots] + [""]
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(lines))
+
+
+def _read_curve(run_dir: str) -> tuple[list[float], list[float], str]:
+  """(steps, values, name) of the loss in a run's metrics.jsonl (rec_loss for RecFusion)."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return [], [], ""
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  key = "rec_loss" if any("rec_loss" in r for r in rows) else "loss"
+  last = {int(r["step"]): float(r[key]) for r in rows if key in r}  # a resumed run repeats steps
+  return sorted(last), [last[s] for s in sorted(last)], key
+
+
+def write_plots(workdir: str, results: Mapping[str, Any], opts: "Options",
+                records: Sequence[Mapping[str, Any]]) -> list[str]:
+  """Training curves per protocol and ablation bars of NDCG@10; returns the PNG paths."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  paths = []
+  for protocol in opts.protocols:
+    if protocol == "retrieval" or protocol not in results:
+      continue
+    models = [m for m in opts.models if m in results[protocol]]
+    curves = {m: [(r["seed"], *_read_curve(os.path.join(workdir, r["run_dir"])))
+                  for r in records if r["protocol"] == protocol and r["model"] == m
+                  and "run_dir" in r] for m in models}
+    curves = {m: c for m, c in curves.items() if any(steps for _, steps, _, _ in c)}
+    if not curves:
+      continue
+    cols = min(4, len(curves))
+    rows = -(-len(curves) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, (model, runs) in zip(axes.flat, curves.items()):
+      for seed, steps, values, key in runs:
+        if steps:
+          ax.plot(steps, values, label=f"seed {seed}")
+          ax.set_ylabel(key)
+      ax.set_title(model, fontsize=9)
+      ax.set_xlabel("epoch" if model in BASELINES else "step")
+    for ax in list(axes.flat)[len(curves):]:
+      ax.axis("off")
+    fig.suptitle(f"training curves: {protocol}")
+    fig.tight_layout()
+    path = os.path.join(workdir, f"curves_{protocol}.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    paths.append(path)
+
+  groups = [(p, "text_to_image_R@10" if p == "retrieval" else "NDCG@10") for p in opts.protocols
+            if p in results and any(m in results[p] for m in ABLATION_GROUP)]
+  if groups:
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), squeeze=False)
+    for ax, (protocol, metric) in zip(axes.flat, groups):
+      names = [m for m in ABLATION_GROUP if m in results[protocol]]
+      means = [results[protocol][m][metric] for m in names]
+      stds = [results[protocol][m].get(metric + "_std", 0.0) for m in names]
+      ax.bar(range(len(names)), means, yerr=stds, color=[f"C{k}" for k in range(len(names))])
+      ax.set_xticks(range(len(names)))
+      ax.set_xticklabels([m.replace("RecFusion-", "-") for m in names], rotation=45,
+                         ha="right", fontsize=8)
+      ax.set_title(f"{protocol}: {metric}", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(workdir, "ablation_ndcg.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def summary(metrics: Mapping[str, float]) -> str:
+  keys = [k for k in ("NDCG@10", "HR@10", "sampled_NDCG@10", "text_to_image_R@10",
+                      "image_to_text_R@10") if k in metrics]
+  return " ".join(f"{k}={metrics[k]:.4f}" for k in keys)

@@ -1,0 +1,264 @@
+r"""Benchmark runner: the paper's protocols x baselines of its four classes x RecFusion ablations.
+
+  python -m recfusion_jax.benchmark --suite movielens --workdir runs/bench \
+      [--config configs/movielens.py:size=small] [--config.optimizer.learning_rate=1e-3] \
+      [--models ease,RecFusion] [--protocols warm_ratio,loo] [--seeds 0,1,2] [--steps N] [--quick]
+
+Every model -- ID-only baselines (``recfusion_jax.baselines``) and RecFusion configs alike --
+is turned into a ``baselines.common.Ranker`` (user representations, item table, pure
+``score_fn``) and ranked by the same ``evaluate.evaluate_full_ranking`` (headline metrics) and
+``evaluate.evaluate_sampled`` (``sampled_*``: each user's latest held-out item among 99 uniform
+negatives). A user's known items of the fit period are excluded from the ranking
+(``RecDataset.known``: in MovieLens every rating of that period, Cornac's protocol: with
+rating_threshold=4 the items a user rated 1-3 are known and never a test positive); ties count
+against the held-out item.
+
+The content models' config is ``--config`` (default ``configs/movielens.py:size=small`` for the
+movielens suite, ``configs/tiny.py`` for the synthetic one) with its overrides; each content
+model of ``registry.CONTENT_MODELS`` changes it, and the runner sets the protocol, seed and
+training history (``config_lib.history_for_protocol``) of each run. The synthetic suite's data
+are ``config.data.synthetic``, MovieLens is read from ``config.data.dir``.
+
+Protocols (recfusion_jax/data/splits.py defines the MovieLens splits):
+  warm_ratio        random 80/20 split, positives = ratings >= 4.
+  loo               leave the last interaction out, per user.
+  cold_items        held-out items never seen in training, ranked among the cold items only.
+  cold_users        only the held-out users (3 training interactions each) are evaluated.
+  missing_modality  warm_ratio's split, scored with the test-time masked catalogue
+                    (``apply_presence(catalogue, load_test_presence(...))``); the items that
+                    lack a modality naturally (``natural_missing_*``) and the items whose
+                    modality was dropped (``dropped_*``) are also reported on their own.
+  retrieval         text->image / image->text R@1/5/10 among the held-out (test) items of
+                    cold_items -- items never trained on -- that have both, from each content
+                    model's per-modality embeddings; uses the cold_items fit.
+
+Protocol of every fit: hyper-parameters are chosen on ``valid`` with a train-only fit, then
+(``--split test``) the final model is fitted on train + valid (``valid`` is carved out of the
+training data) and scored on ``test``. ``--split valid`` scores the train-only fit on
+``valid`` instead: the mode for tuning RecFusion configs without touching test. ``--no_refit``
+keeps train-only final fits. Baselines tune their grid (and, if iterative, the number of
+epochs); RecFusion configs train for ``config.num_steps`` (or ``--steps``) as configured.
+
+Outputs in ``--workdir``: ``results.json`` ({protocol: {model: {metric: mean over seeds,
+metric + "_std": sample std, "num_seeds", "wall_s"}}}), ``results_per_seed.jsonl``,
+``RESULTS.md`` (tables, command, machine, wall times), ``curves_<protocol>.png`` (training
+curves from each run's ``metrics.jsonl``) and ``ablation_ndcg.png``; each run's directory is
+``runs/<split>/<protocol>/<model>/seed<k>`` (RecFusion checkpoints there are resumed, so an
+interrupted benchmark continues where it stopped; use a fresh workdir for new settings).
+Results are rewritten after every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Mapping, Sequence
+
+import ml_collections
+import numpy as np
+
+from recfusion_jax.baselines.common import Ranker
+from recfusion_jax.benchmark import fit, protocols, report
+from recfusion_jax.benchmark.protocols import ProtocolData
+from recfusion_jax.benchmark.registry import (ABLATION_GROUP, ALL_MODELS, BASELINES, PROTOCOLS,
+                                              applies, fit_protocol)
+
+
+@dataclasses.dataclass
+class Options:
+  """One benchmark invocation (the CLI's flags)."""
+
+  suite: str                        # movielens | synthetic: must match config.data.source
+  workdir: str
+  config: ml_collections.ConfigDict  # the content models' RecFusion config (and the data)
+  models: tuple[str, ...] = ALL_MODELS
+  protocols: tuple[str, ...] = PROTOCOLS
+  seeds: tuple[int, ...] = (0, 1, 2)
+  baseline_seeds: tuple[int, ...] | None = None   # models outside ABLATION_GROUP (None: seeds)
+  shard: tuple[int, int] = (0, 1)   # (k, n): this process runs the k-th of n job groups
+  merge: bool = False               # only merge the shards' records in workdir into outputs
+  steps: int | None = None          # RecFusion num_steps override
+  quick: bool = False
+  split: str = "test"
+  refit: bool = True
+  command: str = ""
+
+
+def seeds_of(opts: Options, model: str) -> tuple[int, ...]:
+  if model in ABLATION_GROUP or opts.baseline_seeds is None:
+    return opts.seeds
+  return opts.baseline_seeds
+
+
+def run_benchmark(opts: Options) -> dict[str, Any]:
+  """Runs every (protocol, seed, model) of ``opts``; returns the aggregated results."""
+  unknown = sorted(set(opts.models) - set(ALL_MODELS))
+  if unknown:
+    raise ValueError(f"unknown models {unknown}; known: {ALL_MODELS}")
+  unknown = sorted(set(opts.protocols) - set(PROTOCOLS))
+  if unknown:
+    raise ValueError(f"unknown protocols {unknown}; known: {PROTOCOLS}")
+  if opts.split not in ("test", "valid"):
+    raise ValueError(f"split must be test or valid, got {opts.split!r}")
+  if opts.config.data.source != opts.suite:
+    raise ValueError(f"--suite {opts.suite} needs a config whose data.source is {opts.suite}, "
+                     f"got {opts.config.data.source!r}")
+  os.makedirs(opts.workdir, exist_ok=True)
+  machine = report.machine_description()
+  if opts.merge:
+    return _merge_shards(opts, machine)
+  start = time.perf_counter()
+  records: list[dict[str, Any]] = []
+  id_fits: dict[tuple[str, int, str], Ranker] = {}
+  jobs = shard_jobs(opts)
+  k, n_shards = opts.shard
+  if n_shards > 1:
+    with open(os.path.join(opts.workdir, f"command.{_shard_name(opts)}.txt"), "w",
+              encoding="utf-8") as f:
+      f.write(opts.command + "\n")
+  logging.info("benchmark %s: %d runs%s on %s", opts.suite, len(jobs),
+               f" (shard {k} of {n_shards})" if n_shards > 1 else "", machine)
+  data_cache: dict[tuple[str, int], ProtocolData | None] = {}
+  fingerprints: dict[tuple[str, int], str] = {}
+
+  def protocol_data(protocol: str, seed: int) -> ProtocolData | None:
+    if (protocol, seed) not in data_cache:
+      try:
+        data_cache.clear()  # one protocol/seed in memory at a time (catalogue images)
+        data_cache[(protocol, seed)] = protocols.load_protocol(
+            opts.config, protocol, seed, split=opts.split, refit=opts.refit)
+        fingerprints[(protocol, seed)] = protocols.fingerprint(data_cache[(protocol, seed)])
+      except FileNotFoundError as e:
+        logging.warning("skipped %s seed %d: %s", protocol, seed, e)
+        data_cache[(protocol, seed)] = None
+    return data_cache[(protocol, seed)]
+
+  for n, (protocol, seed, model) in enumerate(jobs, 1):
+    data_protocol = "cold_items" if protocol == "retrieval" else protocol
+    pdata = protocol_data(data_protocol, seed)
+    if pdata is None:
+      continue
+    fitted_on = fit_protocol(protocol, model)
+    if fitted_on not in (protocol, data_protocol) and (
+        fingerprints.get((fitted_on, seed)) != fingerprints[(data_protocol, seed)]):
+      fitted_on = data_protocol   # not shown to be the same split: fit it separately
+    run_dir = os.path.join(opts.workdir, "runs", opts.split, fitted_on, model, f"seed{seed}")
+    tick = time.perf_counter()
+    logging.info("[%d/%d] %s seed %d %s ...", n, len(jobs), protocol, seed, model)
+    if model in BASELINES:
+      key = (model, seed, fingerprints[(data_protocol, seed)])
+      info: dict[str, Any] = {}
+      if key not in id_fits:  # content-free models: identical splits give identical fits
+        id_fits[key], info = fit.fit_baseline(model, pdata, run_dir, quick=opts.quick)
+      else:
+        info = {"fit": "reused (identical split)"}
+      metrics = fit.evaluate_ranker(id_fits[key], pdata)
+    else:
+      ranker, fitted, catalogue, info = fit.fit_content_model(
+          model, pdata, opts.config, run_dir, steps=opts.steps, quick=opts.quick)
+      if fitted_on != data_protocol:
+        info["fit"] = f"the {fitted_on} fit (identical split)"
+      if protocol == "retrieval":
+        metrics = fit.retrieval_metrics(fitted, catalogue, np.unique(pdata.heldout.item))
+      else:
+        metrics = fit.evaluate_ranker(ranker, pdata)
+    wall = time.perf_counter() - tick
+    logging.info("[%d/%d] %s seed %d %s: %s (%.1f s)", n, len(jobs), protocol, seed, model,
+                 report.summary(metrics), wall)
+    records.append({"protocol": protocol, "model": model, "seed": seed, "metrics": metrics,
+                    "wall_s": wall, "info": info, "run_dir": os.path.relpath(run_dir,
+                                                                             opts.workdir)})
+    _write_outputs(opts, records, machine, time.perf_counter() - start, plots=False)
+  results = _write_outputs(opts, records, machine, time.perf_counter() - start, plots=True)
+  logging.info("done in %.1f min: %s", (time.perf_counter() - start) / 60,
+               os.path.join(opts.workdir, "RESULTS.md"))
+  return results
+
+
+def shard_jobs(opts: Options) -> list[tuple[str, int, str]]:
+  """This shard's (protocol, seed, model) runs, in order.
+
+  Runs that share a fit (``fit_protocol``) or a data set form one group, kept in one shard
+  and in ``opts.protocols`` order so the fit is trained once and then reused. Groups go to
+  shards greedily by their number of content-model trainings, the runs that cost minutes.
+  """
+  jobs = [(p, s, m) for p in opts.protocols for m in opts.models for s in seeds_of(opts, m)
+          if applies(m, p)]
+  group_of = lambda job: (fit_protocol(job[0], "RecFusion"), job[1])
+  groups: dict[tuple[str, int], list[tuple[str, int, str]]] = {}
+  for job in jobs:
+    groups.setdefault(group_of(job), []).append(job)
+  k, n = opts.shard
+  if not 0 <= k < n:
+    raise ValueError(f"shard {k} of {n} does not exist")
+  cost = lambda group: sum(1 for p, _, m in group if m not in BASELINES and
+                           fit_protocol(p, m) == p) + 0.1 * len(group)
+  load, mine = [0.0] * n, []
+  for key in sorted(groups, key=lambda g: (-cost(groups[g]), g)):
+    target = int(np.argmin(load))
+    load[target] += cost(groups[key])
+    if target == k:
+      mine.append(key)
+  order = {p: i for i, p in enumerate(opts.protocols)}
+  return sorted((job for key in mine for job in groups[key]),
+                key=lambda j: (j[1], order[fit_protocol(j[0], "RecFusion")], order[j[0]]))
+
+
+def _shard_name(opts: Options) -> str:
+  """``shard<k>of<n>.<digest of the run set>``: shard sets of different invocations (say
+  three seeds on some protocols, one on others) can share a workdir and one --merge."""
+  k, n = opts.shard
+  key = json.dumps([opts.models, opts.protocols, opts.seeds, opts.baseline_seeds, opts.steps,
+                    opts.config.to_json_best_effort(sort_keys=True), opts.split, opts.refit])
+  return f"shard{k}of{n}.{hashlib.sha1(key.encode()).hexdigest()[:8]}"
+
+
+def _records_path(opts: Options) -> str:
+  if opts.shard[1] == 1:
+    return os.path.join(opts.workdir, "results_per_seed.jsonl")
+  return os.path.join(opts.workdir, f"results_per_seed.{_shard_name(opts)}.jsonl")
+
+
+def _merge_shards(opts: Options, machine: str) -> dict[str, Any]:
+  """Combines every ``results_per_seed.shard*.jsonl`` in workdir into the outputs."""
+  paths = sorted(glob.glob(os.path.join(opts.workdir, "results_per_seed.shard*.jsonl")))
+  if not paths:
+    raise FileNotFoundError(f"no results_per_seed.shard*.jsonl in {opts.workdir}")
+  # The suite's wall time: the shards of one invocation run side by side (its longest shard
+  # counts), separate invocations one after another (they add up).
+  records: list[dict[str, Any]] = []
+  shard_sums: dict[str, list[float]] = {}
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      shard = [json.loads(line) for line in f if line.strip()]
+    records += shard
+    digest = path.rsplit(".", 2)[-2]
+    shard_sums.setdefault(digest, []).append(sum(r["wall_s"] for r in shard))
+  wall_s = sum(max(sums) for sums in shard_sums.values())
+  commands = []
+  for path in sorted(glob.glob(os.path.join(opts.workdir, "command.shard*.txt"))):
+    with open(path, encoding="utf-8") as f:
+      commands.append(f.read().strip())
+  logging.info("merged %d runs from %d shards", len(records), len(paths))
+  merged = dataclasses.replace(opts, shard=(0, 1),
+                               command=" & ".join(commands + [opts.command]))
+  return _write_outputs(merged, records, machine, wall_s, plots=True)
+
+
+def _write_outputs(opts: Options, records: Sequence[Mapping[str, Any]], machine: str,
+                   wall_s: float, plots: bool) -> dict[str, Any]:
+  results = report.aggregate(records)
+  fit.write_jsonl(_records_path(opts), records)
+  if opts.shard[1] > 1:
+    return results   # the shards' records are merged by a final --merge run
+  with open(os.path.join(opts.workdir, "results.json"), "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1)
+  paths = report.write_plots(opts.workdir, results, opts, records) if plots else []
+  report.write_markdown(os.path.join(opts.workdir, "RESULTS.md"), results, opts, machine,
+                        wall_s, paths)
+  return results

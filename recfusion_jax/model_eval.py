@@ -1,0 +1,70 @@
+"""A trained RecFusion as a ``baselines.common.Ranker``, and its evaluation after training.
+
+Both the train loop (``train.train_and_evaluate``) and the benchmark runner rank a RecFusion
+model through ``model_ranker`` + ``baselines.common.rank_split``, the path every baseline
+takes: one exclusion rule (the data set's ``known`` items) and one tie rule for all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from recfusion_jax.baselines import chance
+from recfusion_jax.baselines.common import Ranker, rank_split
+from recfusion_jax.data import examples
+from recfusion_jax.data.types import Catalogue, RecDataset
+from recfusion_jax.models.recfusion import RecFusion
+from recfusion_jax.recommend import Recommender
+
+
+def model_ranker(model: RecFusion, dataset: RecDataset, catalogue: Catalogue | None = None, *,
+                 history_len: int, chunk: int = 256) -> Ranker:
+  """``model`` scoring ``catalogue`` (default: the data set's) for users whose histories come
+  from ``dataset.train``.
+
+  Users' histories are read from the model's item cache, so the cache is first re-encoded from
+  ``catalogue`` with the final parameters: eval-mode encodings, and a modality masked at test
+  time (missing_modality) cannot leak in through the histories. The model is changed in place.
+  """
+  catalogue = dataset.catalogue if catalogue is None else catalogue
+  emb, presence = Recommender(model, chunk=chunk).encode_catalogue(catalogue)
+  model.cache_embeddings.set_value(emb)   # a whole new (host) array: the old one is read-only
+  model.cache_presence.set_value(presence)
+  rec = Recommender(model, chunk=chunk)
+  index = examples.TrainExampleIndex.build(dataset)
+  return Ranker(
+      user_reps=lambda users: rec.encode_users(
+          examples.user_eval_inputs(dataset, users, history_len, index)),
+      item_table=rec.item_table(catalogue, emb, presence), score_fn=rec.score_fn())
+
+
+def evaluate_model(model: RecFusion, dataset: RecDataset, config: ml_collections.ConfigDict,
+                   mesh: jax.sharding.Mesh | None = None, split: str = "test"
+                   ) -> dict[str, Any]:
+  """Full-ranking metrics on ``split``: warm items among the whole catalogue and cold items
+  among the cold items only (scored from content alone), each beside the chance level measured
+  with ``baselines.chance.RandomScores`` in the same evaluator.
+
+  Returns {"warm", "warm_random", "cold_items", "cold_items_random"}: metric dicts (a group
+  with no held-out interaction is left out).
+  """
+  heldout = getattr(dataset, split)
+  cold = np.zeros(dataset.catalogue.num_items, bool)
+  cold[dataset.cold_items] = True
+  groups = {"warm": (heldout.select(~cold[heldout.item]), None),
+            "cold_items": (heldout.select(cold[heldout.item]), dataset.cold_items)}
+  ranker = model_ranker(model, dataset, history_len=config.model.user.history_len,
+                        chunk=config.eval_block_size)
+  random = chance.RandomScores(dataset).ranker()
+  out: dict[str, Any] = {}
+  for name, (part, candidates) in groups.items():
+    if len(part) == 0:
+      continue
+    for key, scorer in ((name, ranker), (name + "_random", random)):
+      out[key] = rank_split(scorer, dataset, part, candidate_items=candidates,
+                            block_size=config.eval_block_size, mesh=mesh)
+  return out

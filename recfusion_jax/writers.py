@@ -1,0 +1,98 @@
+"""Metrics and console output of a run: clu metric writers plus a JSON-lines file.
+
+``create_writer(workdir)`` gives every process a console writer (absl logging) and process 0
+also TensorBoard event files in ``workdir`` and ``workdir/metrics.jsonl`` (one
+``{"step": ..., name: value}`` object per write, read back by the benchmark's plots and
+tests). ``setup_logging()`` makes the console show INFO lines under ``absl.app.run``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+JSONL_NAME = "metrics.jsonl"
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Scalars (and hparams) as JSON lines in ``path``, appended so resumed runs keep history.
+
+  Written by hand because clu has no JSON-lines writer. Non-scalar summaries (images,
+  histograms, ...) belong in TensorBoard; this file holds scalars only and ignores them.
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def _append(self, row: Mapping[str, Any]) -> None:
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    self._append({"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}})
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._append({"hparams": {k: v if isinstance(v, (int, float, str, bool)) or v is None
+                              else str(v) for k, v in hparams.items()}})
+
+  def write_summaries(self, step, values, metadata=None) -> None:
+    del step, values, metadata
+
+  def write_images(self, step, images) -> None:
+    del step, images
+
+  def write_videos(self, step, videos) -> None:
+    del step, videos
+
+  def write_audios(self, step, audios, *, sample_rate) -> None:
+    del step, audios, sample_rate
+
+  def write_texts(self, step, texts) -> None:
+    del step, texts
+
+  def write_histograms(self, step, arrays, num_buckets=None) -> None:
+    del step, arrays, num_buckets
+
+  def flush(self) -> None:
+    pass  # every write is closed on return
+
+  def close(self) -> None:
+    pass
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """Console on every process; TensorBoard + metrics.jsonl on process 0 only."""
+  if jax.process_index() != 0:
+    return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
+  os.makedirs(workdir, exist_ok=True)
+  return metric_writers.MultiWriter([
+      metric_writers.create_default_writer(workdir, asynchronous=False),
+      JsonlWriter(os.path.join(workdir, JSONL_NAME))])
+
+
+class _QuietLibraries(logging.Filter):
+  """Keeps Orbax's per-save INFO chatter out of the training log (warnings still pass)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def setup_logging() -> None:
+  """INFO to the console through absl's handler (call inside ``absl.app.run``'s main).
+
+  ``logging.basicConfig`` is not enough: importing grain installs a root handler first, which
+  makes basicConfig a no-op and leaves the root logger at WARNING, so a run printed nothing
+  for minutes. absl's handler is on the root logger once app.run has parsed the flags.
+  """
+  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+  absl_logging.set_verbosity(absl_logging.INFO)
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())
+  logging.getLogger("jax._src").setLevel(logging.WARNING)
