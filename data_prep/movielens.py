@@ -168,7 +168,7 @@ def build(raw_dir: str, out_dir: str, image_size: int = 64, text_len: int = 128,
 
 
 _RAW_DIR = flags.DEFINE_string("raw_dir", DEFAULT_RAW_DIR, "Raw MovieLens/IMDb/poster files.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory of the build.", required=True)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory of the build; required.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Poster side in pixels.")
 _TEXT_LEN = flags.DEFINE_integer("text_len", 128, "WordPiece tokens kept per item.")
 _TOKENIZER = flags.DEFINE_string(
@@ -182,6 +182,8 @@ _REUSE_TFDS = flags.DEFINE_bool("reuse_tfds", False,
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not _OUT_DIR.value:  # not required=True: that would break other CLIs' parsing in-process
+    raise app.UsageError("--out_dir is required")
   build(_RAW_DIR.value, _OUT_DIR.value, _IMAGE_SIZE.value, _TEXT_LEN.value, _TOKENIZER.value,
         tuple(int(s) for s in _SEEDS.value), _REUSE_TFDS.value)
   return 0

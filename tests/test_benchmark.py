@@ -1,75 +1,122 @@
-"""The benchmark runner end to end on tiny synthetic data (--quick), and its pieces."""
+"""The benchmark runner: a planted case with known answers, the synthetic suite end to end
+(--quick), the protocol data, sharding and the CLI."""
 
+import dataclasses
 import json
 import os
+import sys
 
+from absl import flags
 import numpy as np
 import pytest
 
-from recfusion_jax import benchmark
-from recfusion_jax.data.types import MODALITIES
-
-TINY = ["--suite", "synthetic", "--quick", "--synthetic_items", "120", "--synthetic_users", "48"]
-
-
-def _run(tmp_path, name, *args):
-  workdir = str(tmp_path / name)
-  opts, cache = benchmark.parse_args(TINY + ["--workdir", workdir, *args])
-  assert cache == os.path.join(workdir, "jax_cache")
-  return workdir, benchmark.run_benchmark(opts)
+from configs import tiny
+from recfusion_jax.benchmark import __main__ as cli
+from recfusion_jax.benchmark import protocols, registry, report, runner
+from recfusion_jax.data.types import MODALITIES, Catalogue, Interactions, RecDataset
 
 
-def _check_shape(results, protocol, model, metrics, num_seeds):
-  entry = results[protocol][model]
-  for metric in metrics:
-    assert np.isfinite(entry[metric]) and entry[metric + "_std"] >= 0.0, (protocol, model, metric)
-  assert entry["num_seeds"] == num_seeds and entry["wall_s"] > 0
+def _tiny_suite_config(num_items=120, num_users=48):
+  config = tiny.get_config()
+  config.data.synthetic.num_items = num_items
+  config.data.synthetic.num_users = num_users
+  return config
 
 
-def test_id_baselines_two_seeds(tmp_path):
-  workdir, results = _run(tmp_path, "ids", "--models", "random,ease,bpr_mf,sasrec",
-                          "--protocols", "warm_ratio,missing_modality", "--seeds", "0,1")
-  with open(os.path.join(workdir, "results.json")) as f:
+def _options(workdir, **kwargs):
+  return runner.Options(suite="synthetic", workdir=str(workdir), config=_tiny_suite_config(),
+                        quick=True, **kwargs)
+
+
+# ---- a planted case: popularity's ranking and every metric are known by hand -----------------
+
+NUM_ITEMS, GROUP_A, GROUP_B = 40, 6, 12
+
+
+def _planted() -> RecDataset:
+  """Popularity (distinct train users): item j < 10 has 12 - j, items 10..15 have 1, the
+  rest 0.
+
+  Group A (users 0..5) rated item 0 low (known, not a positive), trained on item 10 + u and
+  holds out item 1: with item 0 excluded, item 1 is the most popular candidate -> rank 0.
+  Excluding only the train positives would put item 0 first and item 1 at rank 1.
+  Group B (users 6..17) holds out item 16, tied at 0 with 23 other items: it ranks after
+  them, past rank 10 (lowest id first would put it at rank 6 to 9 for the first users).
+  """
+  rows = []   # (user, item, rating, time)
+  for u in range(GROUP_A):
+    rows += [(u, 0, 2.0, 1), (u, 10 + u, 5.0, 2)]
+  for k in range(GROUP_B):
+    rows += [(GROUP_A + k, j, 5.0, 1 + j) for j in range(min(9, 11 - k) + 1)]
+  known = Interactions(np.asarray([r[0] for r in rows], np.int32),
+                       np.asarray([r[1] for r in rows], np.int32),
+                       np.asarray([r[3] for r in rows], np.int64),
+                       np.asarray([r[2] for r in rows], np.float32))
+  train = known.select(known.rating >= 4)
+  num_users = GROUP_A + GROUP_B
+  test = Interactions(np.arange(num_users, dtype=np.int32),
+                      np.asarray([1] * GROUP_A + [16] * GROUP_B, np.int32),
+                      np.full(num_users, 100, np.int64), np.full(num_users, 5.0, np.float32))
+  has_id = np.bincount(train.item, minlength=NUM_ITEMS) > 0
+  catalogue = Catalogue(None, None, None, None, np.zeros((NUM_ITEMS, 3), bool), has_id)
+  return RecDataset(catalogue, num_users, train, test.select(np.zeros(num_users, bool)), test,
+                    np.flatnonzero(~has_id).astype(np.int32), np.ones(num_users, bool),
+                    name="planted", known=known)
+
+
+def test_planted_case_gives_the_known_metrics(tmp_path, monkeypatch):
+  planted = _planted()
+  counts = np.bincount(planted.train.item, minlength=NUM_ITEMS)
+  assert counts[:10].tolist() == list(range(12, 2, -1)) and counts[10:16].tolist() == [1] * 6
+  monkeypatch.setattr(protocols, "_raw_protocol", lambda config, protocol, seed: (planted, None))
+  opts = _options(tmp_path, models=("popularity",), protocols=("warm_ratio",), seeds=(0,))
+  got = runner.run_benchmark(opts)["warm_ratio"]["popularity"]
+  third = GROUP_A / (GROUP_A + GROUP_B)
+  want = {"HR@10": third, "NDCG@10": third, "MRR@10": third, "Recall@10": third,
+          "Precision@10": third / 10, "num_users": GROUP_A + GROUP_B,
+          # The sampled protocol: A's positive outscores every negative; B's ties with all.
+          "sampled_HR@10": third, "sampled_NDCG@10": third}
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, abs=1e-6), key
+  with open(os.path.join(tmp_path, "results.json")) as f:
+    assert json.load(f)["warm_ratio"]["popularity"]["NDCG@10"] == pytest.approx(third)
+
+
+# ---- the synthetic suite end to end ----------------------------------------------------------
+
+
+def test_synthetic_suite_end_to_end(tmp_path):
+  opts = _options(tmp_path, models=("random", "ease", "sasrec", "RecFusion"),
+                  protocols=("warm_ratio", "missing_modality", "cold_items", "retrieval"),
+                  seeds=(0,))
+  results = runner.run_benchmark(opts)
+  with open(os.path.join(tmp_path, "results.json")) as f:
     assert json.load(f) == json.loads(json.dumps(results))
-  metrics = benchmark.HEADLINE + benchmark.SAMPLED
-  for protocol in ("warm_ratio", "missing_modality"):
-    for model in ("random", "ease", "bpr_mf"):
-      _check_shape(results, protocol, model, metrics, num_seeds=2)
-  # SASRec runs only on the sequential protocol (loo; its training is in test_baselines).
-  assert all("sasrec" not in results[p] for p in results)
-  # missing_modality reports the dropped-modality slice beside the headline numbers.
-  assert "dropped_NDCG@10" in results["missing_modality"]["ease"]
+  metrics = registry.HEADLINE + registry.SAMPLED
+  for protocol, model in (("warm_ratio", "ease"), ("warm_ratio", "random"),
+                          ("missing_modality", "ease"), ("cold_items", "RecFusion"),
+                          ("warm_ratio", "RecFusion")):
+    assert all(np.isfinite(results[protocol][model][m]) for m in metrics), (protocol, model)
   # A trained model beats the measured chance level on the planted synthetic structure.
-  assert results["warm_ratio"]["ease"]["HR@10"] > results["warm_ratio"]["random"]["HR@10"]
-  with open(os.path.join(workdir, "RESULTS.md")) as f:
+  assert results["warm_ratio"]["ease"]["NDCG@10"] > 2 * results["warm_ratio"]["random"]["NDCG@10"]
+  # ID-only models cannot rank unseen items; SASRec runs only on loo.
+  assert "ease" not in results["cold_items"] and all("sasrec" not in r for r in results.values())
+  assert "dropped_NDCG@10" in results["missing_modality"]["ease"]
+  assert all(np.isfinite(results["retrieval"]["RecFusion"][m]) for m in registry.RETRIEVAL)
+  with open(os.path.join(tmp_path, "RESULTS.md")) as f:
     text = f.read()
-  for snippet in ("## warm_ratio", "## missing_modality", "python -m recfusion_jax.benchmark",
-                  "| ease |", "wall s / seed", "Not applicable: sasrec", "curves_warm_ratio.png"):
-    assert snippet in text
-  with open(os.path.join(workdir, "results_per_seed.jsonl")) as f:
-    assert len(f.readlines()) == 2 * 3 * 2
-  assert os.path.exists(os.path.join(workdir, "curves_warm_ratio.png"))
-
-
-def test_content_model_cold_items_and_retrieval(tmp_path):
-  # --steps 0: the initialised RecFusion goes through the whole content path (cache refresh,
-  # item table, user encoding, candidate ranking, retrieval) without compiling a train step;
-  # training itself is tested in test_train_loop.
-  workdir, results = _run(tmp_path, "content", "--models", "random,ease,RecFusion",
-                          "--protocols", "cold_items,retrieval", "--seeds", "0", "--steps", "0")
-  _check_shape(results, "cold_items", "RecFusion", benchmark.HEADLINE + benchmark.SAMPLED, 1)
-  _check_shape(results, "cold_items", "random", benchmark.HEADLINE, 1)
-  assert "ease" not in results["cold_items"]       # ID-only models cannot rank unseen items
-  _check_shape(results, "retrieval", "RecFusion", benchmark.RETRIEVAL, 1)
-  assert set(results) == {"cold_items", "retrieval"}
-  for name in ("RESULTS.md", "ablation_ndcg.png"):
-    assert os.path.exists(os.path.join(workdir, name)), name
+  for snippet in ("## warm_ratio", "## missing_modality", "| ease |", "wall s / seed",
+                  "Not applicable: sasrec", "curves_warm_ratio.png", "ablation_ndcg.png"):
+    assert snippet in text, snippet
+  # RecFusion's training curve comes from its run's metrics.jsonl (clu writers).
+  steps, values, key = report._read_curve(
+      os.path.join(tmp_path, "runs", "test", "warm_ratio", "RecFusion", "seed0"))
+  assert key == "rec_loss" and steps == [1, 2, 3, 4] and all(np.isfinite(values))
 
 
 def test_protocol_data_missing_modality_and_cold_items():
-  opts = benchmark.Options(suite="synthetic", workdir="", synthetic_items=120,
-                           synthetic_users=48)
-  mm = benchmark.load_protocol(opts, "missing_modality", 0)
+  config = _tiny_suite_config()
+  mm = protocols.load_protocol(config, "missing_modality", 0)
   t, i = MODALITIES.index("text"), MODALITIES.index("image")
   dropped = np.unique(mm.subsets["dropped"].item)
   assert dropped.size > 0
@@ -80,7 +127,7 @@ def test_protocol_data_missing_modality_and_cold_items():
   # Final fit = train + valid.
   assert len(mm.fit.train) == len(mm.tune.train) + len(mm.tune.valid)
 
-  cold = benchmark.load_protocol(opts, "cold_items", 0)
+  cold = protocols.load_protocol(config, "cold_items", 0)
   assert cold.candidate_items.size > 0
   assert not cold.fit.catalogue.has_id[cold.candidate_items].any()
   assert np.isin(cold.heldout.item, cold.candidate_items).all()
@@ -89,7 +136,7 @@ def test_protocol_data_missing_modality_and_cold_items():
 def test_aggregate_mean_and_sample_std():
   records = [{"protocol": "p", "model": "m", "seed": s, "metrics": {"HR@10": v}, "wall_s": w}
              for s, v, w in ((0, 0.2, 1.0), (1, 0.4, 3.0))]
-  entry = benchmark.aggregate(records)["p"]["m"]
+  entry = report.aggregate(records)["p"]["m"]
   assert entry["HR@10"] == pytest.approx(0.3)
   assert entry["HR@10_std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
   assert entry["num_seeds"] == 2 and entry["wall_s"] == pytest.approx(2.0)
@@ -101,49 +148,67 @@ ML_DIR = "data_out/movielens"
 @pytest.mark.skipif(not os.path.exists(os.path.join(ML_DIR, "manifest.json")),
                     reason="MovieLens build not present")
 def test_movielens_exclusions_cover_every_training_rating():
-  from recfusion_jax.data import movielens
-  rated = movielens.load_rated(ML_DIR, "warm_ratio", 0)
-  opts = benchmark.Options(suite="movielens", workdir="", data_dir=ML_DIR)
-  pdata = benchmark.load_protocol(opts, "warm_ratio", 0)
+  from configs import movielens as movielens_config
+  config = movielens_config.get_config("size=small")
+  pdata = protocols.load_protocol(config, "warm_ratio", 0)
+  rated = pdata.tune.known
   # The models learn from positives (ratings >= 4); the ranking excludes every rating of the
-  # fit period (train + valid), and no held-out positive is among them.
+  # fit period (train + valid for the final fit), and no held-out positive is among them.
   pairs = lambda x: set(zip(x.user.tolist(), x.item.tolist()))
   assert (rated.rating < 4).any() and pairs(pdata.tune.train) < pairs(rated)
-  assert pairs(pdata.fit.train) < pairs(pdata.known) and len(pdata.known) > len(rated)
-  assert not pairs(pdata.heldout) & pairs(pdata.known)
-  assert pairs(pdata.tune_known) == pairs(rated)
+  assert pairs(pdata.fit.train) < pairs(pdata.fit.known) and len(pdata.fit.known) > len(rated)
+  assert not pairs(pdata.heldout) & pairs(pdata.fit.known)
+  assert pairs(pdata.fit.known) == pairs(rated) | pairs(pdata.tune.known_valid)
 
 
 def test_shards_partition_the_runs_and_keep_shared_fits_together():
-  opts = benchmark.Options(suite="movielens", workdir="", seeds=(0, 1, 2), baseline_seeds=(0,))
-  every = benchmark.shard_jobs(opts)
-  parts = [benchmark.shard_jobs(benchmark.dataclasses.replace(opts, shard=(k, 3)))
-           for k in range(3)]
+  opts = runner.Options(suite="movielens", workdir="", config=_tiny_suite_config(),
+                        seeds=(0, 1, 2), baseline_seeds=(0,))
+  every = runner.shard_jobs(opts)
+  parts = [runner.shard_jobs(dataclasses.replace(opts, shard=(k, 3))) for k in range(3)]
   assert sorted(every) == sorted(job for part in parts for job in part)
   assert sum(len(part) for part in parts) == len(every)
   for part in parts:
     # A run that reuses another protocol's fit is in the same shard, after that fit.
     for protocol, seed, model in part:
-      fitted_on = benchmark.fit_protocol(protocol, model)
+      fitted_on = registry.fit_protocol(protocol, model)
       if fitted_on != protocol:
         assert part.index((fitted_on, seed, model)) < part.index((protocol, seed, model))
   # Ablation-group models run every seed, the others only --baseline_seeds.
   assert {s for p, s, m in every if m == "RecFusion" and p == "loo"} == {0, 1, 2}
   assert {s for p, s, m in every if m in ("ease", "text_only")} == {0}
-  assert benchmark.split_seed("loo", 2) == 0 and benchmark.split_seed("cold_items", 2) == 2
+  assert protocols.split_seed("loo", 2) == 0 and protocols.split_seed("cold_items", 2) == 2
 
 
-def test_sharded_run_merges_into_the_unsharded_result(tmp_path):
+def _cli(workdir, *args):
+  """Options as ``python -m recfusion_jax.benchmark`` builds them (absl + config_flags)."""
+  argv = ["recfusion_jax.benchmark", "--suite", "synthetic", "--quick", "--workdir", workdir,
+          "--config.data.synthetic.num_items=120", "--config.data.synthetic.num_users=48",
+          *args]
+  saved = sys.argv
+  try:
+    cli.parse_flags(argv)
+    return cli.options_from_flags(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+      delattr(flags.FLAGS, name)   # config_flags registers the overrides on every parse
+    sys.argv = saved
+
+
+def test_cli_sharded_run_merges_into_the_unsharded_result(tmp_path):
   args = ["--models", "popularity,RecFusion", "--protocols", "warm_ratio,missing_modality",
           "--seeds", "0,1", "--baseline_seeds", "0", "--steps", "0"]
-  _, whole = _run(tmp_path, "whole", *args)
+  opts, cache = _cli(str(tmp_path / "whole"), *args)
+  # The suite's default config, with the command line's overrides applied.
+  assert opts.config.data.source == "synthetic" and opts.config.data.synthetic.num_items == 120
+  assert cache == os.path.join(str(tmp_path / "whole"), "jax_cache") and opts.steps == 0
+  whole = runner.run_benchmark(opts)
   workdir = str(tmp_path / "sharded")
   for k in range(2):
-    opts, _ = benchmark.parse_args(TINY + ["--workdir", workdir, "--shard", f"{k}/2", *args])
-    benchmark.run_benchmark(opts)
+    runner.run_benchmark(_cli(workdir, "--shard", f"{k}/2", *args)[0])
   assert not os.path.exists(os.path.join(workdir, "results.json"))   # only after the merge
-  opts, _ = benchmark.parse_args(TINY + ["--workdir", workdir, "--merge", *args])
-  merged = benchmark.run_benchmark(opts)
+  merged = runner.run_benchmark(_cli(workdir, "--merge", *args)[0])
   flat = lambda r: {(p, m, k): v for p, ms in r.items() for m, e in ms.items()
                     for k, v in e.items() if k != "wall_s"}
   assert flat(merged) == pytest.approx(flat(whole))

@@ -28,8 +28,8 @@ from recfusion_jax.benchmark.runner import Options, run_benchmark
 
 DEFAULT_CONFIGS = {"movielens": "configs/movielens.py:size=small", "synthetic": "configs/tiny.py"}
 
-_SUITE = flags.DEFINE_enum("suite", None, sorted(DEFAULT_CONFIGS), "Data suite.", required=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.", required=True)
+_SUITE = flags.DEFINE_enum("suite", None, sorted(DEFAULT_CONFIGS), "Data suite; required.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory; required.")
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "RecFusion config of the content models (default: the suite's, see above).")
 _MODELS = flags.DEFINE_list("models", list(registry.ALL_MODELS),
@@ -76,11 +76,17 @@ def _with_default_config(argv: Sequence[str]) -> list[str]:
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
   """absl ``flags_parser``: the flags of ``argv`` (plus the suite's default config)."""
-  return flags.FLAGS(_with_default_config(argv))
+  argv = _with_default_config(argv)
+  sys.argv = argv   # config_flags reads the --config.<field> overrides from sys.argv
+  return flags.FLAGS(argv)
 
 
 def options_from_flags(argv: Sequence[str]) -> tuple[Options, str]:
   """(options, compilation cache directory or '') from parsed flags; ``argv`` as typed."""
+  # Checked here, not with required=True: a required flag would fail the flag parsing of
+  # any other CLI imported into the same process (the tests parse several).
+  if not _SUITE.value or not _WORKDIR.value:
+    raise app.UsageError("--suite and --workdir are required")
   k, n = (int(x) for x in _SHARD.value.split("/"))
   command = " ".join(["python -m recfusion_jax.benchmark"] + [shlex.quote(a) for a in argv[1:]])
   opts = Options(

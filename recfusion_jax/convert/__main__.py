@@ -17,8 +17,8 @@ from recfusion_jax.convert.checkpoint import convert_hf, save_converted
 
 _HF = flags.DEFINE_multi_string(
     "hf", None, "HF or sentence-transformers folder; repeat to combine checkpoints (each "
-    "modality from one of them).", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+    "modality from one of them); required.")
+_OUT = flags.DEFINE_string("out", None, "Output directory; required.")
 _MODALITY = flags.DEFINE_multi_enum("modality", None, ["text", "image"],
                                     "Import only these towers (repeatable; default: all).")
 _UNIFIED = flags.DEFINE_bool(
@@ -36,6 +36,10 @@ _FORCE = flags.DEFINE_bool("force", False, "Overwrite DIR/params.")
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  # Checked here, not with required=True: a required flag would fail the flag parsing of
+  # any other CLI imported into the same process (the tests parse several).
+  if not _HF.value or not _OUT.value:
+    raise app.UsageError("--hf and --out are required")
   converted = convert_hf(_HF.value, modalities=_MODALITY.value, unified=_UNIFIED.value,
                          trunk_from=_TRUNK_FROM.value, max_len=_MAX_LEN.value)
   out = save_converted(converted, _OUT.value, force=_FORCE.value)
