@@ -40,8 +40,9 @@ setup(
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.11",
-    packages=find_packages(include=["recfusion_jax", "recfusion_jax.*", "data_prep",
-                                    "data_prep.*", "configs"]),
+    # The library only: configs/ and data_prep/ are top-level folders of the checkout (run
+    # from the repository root), not packages to install under names like anybody's.
+    packages=find_packages(include=["recfusion_jax", "recfusion_jax.*"]),
     install_requires=CORE,
     extras_require=EXTRAS,
 )

@@ -5,7 +5,8 @@
 #   RAW_DIR   raw inputs (default ../shared/data; see data_prep/movielens.py for their public homes)
 #   SIZE      small (CPU, from scratch; default) | base (all-MiniLM-L6-v2 trunk; for accelerators)
 #   WORKDIR   benchmark directory (default runs/main_$SIZE)
-# Extra arguments go to recfusion_jax.benchmark, e.g. --steps 200 or --seeds 0,1,2.
+# Extra arguments go to recfusion_jax.benchmark, e.g. --steps 200, --seeds 0,1,2 or
+# --config.optimizer.learning_rate=1e-3.
 # The full suite (every model, every protocol): see docs/RESULTS.md for its command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +25,8 @@ if [ "$SIZE" = base ] && [ ! -d data_out/minilm ]; then
   MINILM=$(python -c "import data_prep.content as c; print(c.default_tokenizer_path())")
   python -m recfusion_jax.convert --hf "$MINILM" --out data_out/minilm
 fi
-python -m recfusion_jax.benchmark --suite movielens --size "$SIZE" --workdir "$WORKDIR" \
+python -m recfusion_jax.benchmark --suite movielens --config "configs/movielens.py:size=$SIZE" \
+    --workdir "$WORKDIR" \
     --models random,popularity,RecFusion --protocols warm_ratio,cold_items --seeds 0 "$@"
 # The table, without the plot links.
 grep -v '^!\[' "$WORKDIR/RESULTS.md"

@@ -5,8 +5,8 @@ Synthetic dot-product problem (score_fn = user_block @ items.T), default 100,000
 ``evaluate_full_ranking`` call (host blocking, transfers, scoring, exclusion scatter, top-k,
 metrics) after one warm-up call on a single block compiles the jitted step.
 
-  python benchmarks/evaluator_throughput.py                       # full size
-  python benchmarks/evaluator_throughput.py --users 10000         # smaller, for a laptop
+  python perf/evaluator_throughput.py                       # full size
+  python perf/evaluator_throughput.py --users 10000         # smaller, for a laptop
 """
 
 from __future__ import annotations

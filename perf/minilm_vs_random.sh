@@ -11,7 +11,7 @@ python -m recfusion_jax.main --config configs/movielens.py:size=base --workdir r
 python - <<PY
 import json
 for name in ("init_minilm", "init_random"):
-  rows = [json.loads(l) for l in open(f"runs/{name}/metrics.jsonl")][-5:]
+  rows = [r for r in map(json.loads, open(f"runs/{name}/metrics.jsonl")) if "rec_loss" in r][-5:]
   res = json.load(open(f"runs/{name}/results.json"))["warm"]
   print(name, "rec_loss(last 5 logs) %.3f" % (sum(r["rec_loss"] for r in rows) / 5),
         "contrastive %.3f" % (sum(r["contrastive_loss"] for r in rows) / 5),

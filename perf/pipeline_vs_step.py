@@ -22,8 +22,8 @@ uint8 [64, 64, 3] rows from the in-memory catalogue, it does no image decoding p
 
 The model is built without ``init_from`` (random weights): speed does not depend on them.
 
-  python benchmarks/pipeline_vs_step.py --config_arg size=small
-  python benchmarks/pipeline_vs_step.py --config_arg size=base --steps 3 --batches 100
+  python perf/pipeline_vs_step.py --config_arg size=small
+  python perf/pipeline_vs_step.py --config_arg size=base --steps 3 --batches 100
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from flax import nnx  # noqa: E402
 
 from configs import movielens  # noqa: E402
 from recfusion_jax import sharding, train  # noqa: E402
-from recfusion_jax.data import examples, pipeline  # noqa: E402
+from recfusion_jax.data import examples, pipeline, sources  # noqa: E402
 from recfusion_jax.data.types import RecDataset  # noqa: E402
 
 TARGET_RATIO = 5.0
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     raise ValueError(f"batch_size {config.batch_size} must divide over the processes")
 
   t0 = time.perf_counter()
-  dataset = train.load_dataset(config)
+  dataset = sources.load_dataset(config)
   load_s = time.perf_counter() - t0
   index = examples.TrainExampleIndex.build(dataset)
   log_q = examples.item_log_q(dataset)

@@ -26,8 +26,16 @@ def _config(steps, **overrides):
 
 
 def _history(workdir):
+  """The training-metric rows of metrics.jsonl (ReportProgress adds steps_per_sec rows)."""
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+    return [row for row in map(json.loads, f) if "rec_loss" in row]
+
+
+def _tensorboard_tags(workdir):
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=import-outside-toplevel
+  events = event_accumulator.EventAccumulator(workdir)
+  events.Reload()
+  return set(events.Tags()["tensors"]) | set(events.Tags()["scalars"])
 
 
 def test_learns_resumes_and_beats_chance(tmp_path):
@@ -39,6 +47,11 @@ def test_learns_resumes_and_beats_chance(tmp_path):
   steps = [row["step"] for row in _history(workdir)]
   assert steps == [25, 50, 75, 100, 125, 150, 175, 200]
   assert first["train_history"][-1]["step"] == 100
+  # TensorBoard (clu writers) shows the losses, the learning rate, the gate and the speed.
+  tags = _tensorboard_tags(workdir)
+  for tag in ("rec_loss", "contrastive_loss", "learning_rate", "gate/text", "gate/id",
+              "examples_per_sec", "steps_per_sec"):
+    assert tag in tags, (tag, tags)
 
   rows = _history(workdir)
   assert rows[-1]["contrastive_loss"] < rows[0]["contrastive_loss"] - 0.2
