@@ -16,7 +16,6 @@ table) without exporting again.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Any, Mapping
