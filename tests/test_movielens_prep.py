@@ -17,7 +17,6 @@ from data_prep import join
 from data_prep import movielens
 from data_prep import tables as tables_lib
 from recfusion_jax.data import splits
-from tests.helpers import run_absl_main
 
 # ----------------------------------------------------------------------------- title join
 
@@ -364,9 +363,8 @@ def built(tmp_path_factory):
   vocab = root / "vocab.txt"
   vocab.write_text("\n".join(VOCAB + ["cowboy", "doll", "of"]) + "\n")
   out = root / "out"
-  assert run_absl_main(movielens.main, [
-      "data_prep.movielens", "--raw_dir", str(raw), "--out_dir", str(out), "--image_size", "8",
-      "--text_len", "16", "--tokenizer", str(vocab), "--seeds", "0,1"]) == 0
+  movielens.build(str(raw), str(out), image_size=8, text_len=16, tokenizer_path=str(vocab),
+                  seeds=(0, 1), verbose=False)
   with open(out / "build_report.json", encoding="utf-8") as f:
     report = json.load(f)
   return str(out), report, expected
