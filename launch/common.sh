@@ -55,10 +55,10 @@ rf_describe_status() {
 #   rf_start NAME LOGFILE [VAR=value ...] -- COMMAND [ARGS...]    (LOGFILE "-": inherit stdout)
 #   rf_supervise; status=$?
 #
-# Knobs: PEER_GRACE_S (default 15): after one process fails, how long the others get to exit
-# after SIGTERM before their process groups are killed; SHUTDOWN_GRACE_S (default 300): the same
-# after the launcher itself got a signal (time for the trainers to save a checkpoint); a second
-# signal to the launcher kills at once. SWEEP_GRACE_S (default 5): how long leftovers of an
+# Knobs: PEER_GRACE_S (default 15): after one process fails (any exit but 0 and 75), how long
+# the others get to exit after SIGTERM before their process groups are killed;
+# SHUTDOWN_GRACE_S (default 300): the same after the launcher itself got a signal or one process
+# exited 75 (time for the trainers to save a checkpoint); a second signal kills at once. SWEEP_GRACE_S (default 5): how long leftovers of an
 # exited process get between SIGTERM and SIGKILL.
 # ---------------------------------------------------------------------------------------------
 RF_PIDS=()
@@ -162,7 +162,16 @@ rf_supervise() {
         tail -n 5 "${RF_LOG_OF[$done_pid]}" | sed 's/^/    /' >&2
       fi
       rf_sweep_group "$done_pid"
-      if ((status != 0)) && [[ -z $stopping ]] && ((${#live[@]})); then
+      if ((status == RECFUSION_EXIT_PREEMPTED)) && [[ -z $stopping ]] && ((${#live[@]})); then
+        # It saved a checkpoint; the others are saving the same step: give them the full grace.
+        stopping=signal
+        deadline=$((SECONDS + ${SHUTDOWN_GRACE_S:-300}))
+        rf_log "sending SIGTERM to the other ${#live[@]} process(es) (SIGKILL in" \
+          "${SHUTDOWN_GRACE_S:-300} s)"
+        for pid in "${live[@]}"; do kill -s TERM "$pid" 2>/dev/null || true; done
+      elif ((status != 0 && status != RECFUSION_EXIT_PREEMPTED)) && [[ $stopping != peer ]] \
+          && ((${#live[@]})); then
+        # A dead peer leaves the others blocked in collectives: a short grace, then SIGKILL.
         stopping=peer
         deadline=$((SECONDS + ${PEER_GRACE_S:-15}))
         rf_log "stopping the other ${#live[@]} process(es) because ${RF_NAME_OF[$done_pid]}" \
