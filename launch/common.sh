@@ -141,16 +141,20 @@ rf_supervise() {
   ((${#live[@]})) || return 0
   local stopping="" deadline=0 tick done_pid status pid
   while ((${#live[@]})); do
-    done_pid=""
-    # A short-lived child in the wait set gives the loop a clock (wait -n has no timeout).
+    # Blocks until a child exits, a trapped signal arrives or the clock child (a short sleep;
+    # wait -n has no timeout) ends. Statuses come from `wait PID` below, not from wait -n: bash
+    # drops finished jobs from the table wait -n reads (it then says "no such job"), while
+    # `wait PID` also finds them among the saved statuses of exited background processes.
     sleep "${RF_TICK_S:-1}" < /dev/null > /dev/null 2>&1 &
     tick=$!
-    status=0
-    wait -n -p done_pid "${live[@]}" "$tick" || status=$?
+    wait -n "${live[@]}" "$tick" 2>/dev/null || true
     kill -s KILL "$tick" 2>/dev/null || true  # KILL: a child that has not exec'd yet must not run traps
     wait "$tick" 2>/dev/null || true
-    # wait unsets done_pid when a signal interrupted it.
-    if [[ -n ${done_pid:-} && $done_pid != "$tick" ]]; then
+    local running=" $(jobs -rp | tr '\n' ' ') $(jobs -sp | tr '\n' ' ') "
+    for done_pid in "${live[@]}"; do
+      [[ $running == *" $done_pid "* ]] && continue
+      status=0
+      wait "$done_pid" || status=$?
       RF_STATUS_OF[$done_pid]=$status
       RF_ORDER+=("$done_pid")
       local -a still=()
@@ -161,7 +165,6 @@ rf_supervise() {
         rf_log "last lines of ${RF_LOG_OF[$done_pid]}:"
         tail -n 5 "${RF_LOG_OF[$done_pid]}" | sed 's/^/    /' >&2
       fi
-      rf_sweep_group "$done_pid"
       if ((status == RECFUSION_EXIT_PREEMPTED)) && [[ -z $stopping ]] && ((${#live[@]})); then
         # It saved a checkpoint; the others are saving the same step: give them the full grace.
         stopping=signal
@@ -178,7 +181,8 @@ rf_supervise() {
           "ended with exit $status (SIGTERM now, SIGKILL after ${PEER_GRACE_S:-15} s)"
         for pid in "${live[@]}"; do kill -s TERM "$pid" 2>/dev/null || true; done
       fi
-    fi
+      rf_sweep_group "$done_pid"  # after warning the others: it may take SWEEP_GRACE_S
+    done
     if [[ -n $RF_PENDING_SIGNAL ]]; then
       local sig=$RF_PENDING_SIGNAL
       RF_PENDING_SIGNAL=""

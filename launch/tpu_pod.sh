@@ -225,7 +225,13 @@ do_stop() {
   # multiprocessing resource tracker).
   waited=0
   while kill -0 "$session" 2> /dev/null && [ $waited -lt 50 ]; do sleep 0.1; waited=$((waited + 1)); done
-  kill -TERM -- "-$session" 2> /dev/null && sleep 2 && kill -KILL -- "-$session" 2> /dev/null || true
+  if kill -TERM -- "-$session" 2> /dev/null; then
+    waited=0
+    while kill -0 -- "-$session" 2> /dev/null && [ $waited -lt 20 ]; do
+      sleep 0.1; waited=$((waited + 1))
+    done
+    kill -KILL -- "-$session" 2> /dev/null || true
+  fi
   say "stopped; $(describe_exit "$(cat "$RUN_DIR/exit_code" 2> /dev/null || echo 137)")"
 }
 REMOTE
