@@ -95,7 +95,7 @@ remote_header() {
     fi
   done
   local args=""
-  (($#)) && args=$(printf '%q ' "$@")
+  (($#)) && args=$(printf '%q ' "$@") && args=${args% }
   printf 'TRAIN_ARGS=%q\n' "$args"
 }
 
@@ -147,7 +147,7 @@ do_data() {
   [ -n "$DATA_BUILD" ] || fail "$DATA_DIR/manifest.json does not exist and DATA_BUILD is empty: set DATA_BUILD to the command that writes the data set into \$DATA_OUT, or point DATA_DIR at a built one"
   cd "$REMOTE_DIR"
   if [ -n "$DATA_EXTRAS" ]; then
-    "$(uv_bin)" pip install --python "$VENV/bin/python" -e "$REMOTE_DIR[$DATA_EXTRAS]"
+    "$(uv_bin)" pip install --python "$VENV/bin/python" -e "${REMOTE_DIR}[${DATA_EXTRAS}]"
   fi
   export DATA_OUT="$HOME/recfusion-data-build"
   rm -rf "$DATA_OUT" && mkdir -p "$DATA_OUT"
