@@ -1,4 +1,5 @@
-# Shared by the launchers in this folder; sourced, never run. Needs bash >= 5.1 (wait -n -p).
+# Shared by the launchers in this folder; sourced, never run. The supervisor needs bash >= 5.1
+# (wait -n with process ids).
 #
 # Exit codes every launcher and the trainer agree on. The trainer exits with
 # RECFUSION_EXIT_PREEMPTED after SIGTERM/SIGINT made it save a checkpoint: "resume me", i.e. run
@@ -24,7 +25,7 @@ rf_run() {
 
 rf_require_bash_51() {
   if ((BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1))); then
-    rf_die "bash >= 5.1 needed (wait -n -p), this is $BASH_VERSION"
+    rf_die "bash >= 5.1 needed (wait -n with process ids), this is $BASH_VERSION"
   fi
 }
 
@@ -49,8 +50,8 @@ rf_describe_status() {
 # ---------------------------------------------------------------------------------------------
 # Process supervisor: starts trainer processes, each in its own session (setsid) so that its
 # whole process group (Grain workers, the multiprocessing resource tracker) can be signalled and
-# swept; forwards TERM and INT (HUP as TERM) to every trainer; stops the siblings when one process fails; exits with the worst
-# status. Written by hand because no launcher in the JAX ecosystem does this for local runs.
+# swept; forwards TERM and INT (HUP as TERM) to every trainer; stops the siblings when one
+# process fails; exits with the worst status. Written by hand because no launcher in the JAX ecosystem does this for local runs.
 #
 #   rf_start NAME LOGFILE [VAR=value ...] -- COMMAND [ARGS...]    (LOGFILE "-": inherit stdout)
 #   rf_supervise; status=$?
@@ -58,8 +59,9 @@ rf_describe_status() {
 # Knobs: PEER_GRACE_S (default 15): after one process fails (any exit but 0 and 75), how long
 # the others get to exit after SIGTERM before their process groups are killed;
 # SHUTDOWN_GRACE_S (default 300): the same after the launcher itself got a signal or one process
-# exited 75 (time for the trainers to save a checkpoint); a second signal kills at once. SWEEP_GRACE_S (default 5): how long leftovers of an
-# exited process get between SIGTERM and SIGKILL.
+# exited 75 (time for the trainers to save a checkpoint); a second signal kills at once.
+# SWEEP_GRACE_S (default 5): how long leftovers of an exited process get between SIGTERM and
+# SIGKILL.
 # ---------------------------------------------------------------------------------------------
 RF_PIDS=()
 RF_LAUNCHER_PID=$BASHPID
