@@ -51,7 +51,8 @@ rf_describe_status() {
 # Process supervisor: starts trainer processes, each in its own session (setsid) so that its
 # whole process group (Grain workers, the multiprocessing resource tracker) can be signalled and
 # swept; forwards TERM and INT (HUP as TERM) to every trainer; stops the siblings when one
-# process fails; exits with the worst status. Written by hand because no launcher in the JAX ecosystem does this for local runs.
+# process fails; exits with the worst status. Written by hand: no launcher in the JAX ecosystem
+# supervises local processes this way.
 #
 #   rf_start NAME LOGFILE [VAR=value ...] -- COMMAND [ARGS...]    (LOGFILE "-": inherit stdout)
 #   rf_supervise; status=$?
