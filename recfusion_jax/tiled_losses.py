@@ -9,7 +9,8 @@ Same semantics as their naive counterparts (which stay the reference and the sma
 
 Each takes the GLOBAL batch. With ``mesh`` the loss runs as a ring over the mesh's batch axes
 (``recfusion_jax.ops.tiled_lse``), each device keeping its rows; without it the tiles are
-computed on the arrays as given. Both are differentiable with respect to the embeddings (and
+computed on the arrays as given -- inside a jit whose batch is sharded, pass the mesh, or XLA
+gathers the batch and every device loops over all of its tiles. Both are differentiable with respect to the embeddings (and
 everything else that is a float: the table's gate keys and biases, log_q, the temperature),
 so a gradient-caching step can take d loss / d embeddings from them directly.
 """

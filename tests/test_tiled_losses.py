@@ -216,6 +216,22 @@ def test_all_padding_gives_zero_and_finite_gradients():
       assert np.all(np.asarray(g) == 0.0)
 
 
+def test_bfloat16_embeddings_keep_their_dtype_and_stay_close():
+  a, b, item_ids, valid, _, _ = _batch(8, 24, 8, num_items=9)
+  f = jax.jit(jax.value_and_grad(functools.partial(tiled_losses.info_nce, tile=5),
+                                 argnums=(0, 1)))
+  loss32, grads32 = f(a, b, valid, item_ids, jnp.float32(5.0))
+  loss16, grads16 = f(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), valid, item_ids,
+                      jnp.float32(5.0))
+  assert loss16.dtype == jnp.float32  # log-sum-exps are float32
+  # bf16 rounds the inputs to 8 mantissa bits (relative 2^-8); gradients come back in bf16.
+  np.testing.assert_allclose(float(loss16), float(loss32), rtol=2e-2)
+  for g16, g32 in zip(grads16, grads32):
+    assert g16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(g16, np.float32), np.asarray(g32),
+                               atol=3e-2 * float(np.abs(np.asarray(g32)).max()))
+
+
 def test_bad_inputs_are_refused():
   a, b, item_ids, valid, _, _ = _batch(7, 12, 8, num_items=5)
   with pytest.raises(ValueError, match="not divisible"):

@@ -313,12 +313,13 @@ def _device_backward(score_fn, plan: _Plan, axis, rows, cols, scale, col_bias, c
     # The column block's gradient travels with it and is home after ring_size moves.
     return (d_rows, d_scale, *_ring_permute(tuple(travelling), axis, plan.ring_size))
 
-  zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+  # Gradients accumulate over tiles and ring steps in float32 whatever the inputs' dtype.
+  zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
   d_rows, d_scale, _, _, d_cols, d_bias = jax.lax.fori_loop(
       0, plan.ring_size, ring_step,
       (zeros(row_side.data), jnp.zeros((), jnp.float32), col_side, col_stats,
        zeros(col_side.data), jnp.zeros((col_side.valid.shape[0],), jnp.float32)))
   if axis is not None:
     d_scale = jax.lax.psum(d_scale, axis)
-  unpad = lambda tree: jax.tree.map(lambda x: x[:num_rows], tree)
-  return unpad(d_rows), unpad(d_cols), d_scale, d_bias[:num_rows]
+  unpad = lambda tree, like: jax.tree.map(lambda x, y: x[:num_rows].astype(y.dtype), tree, like)
+  return unpad(d_rows, rows), unpad(d_cols, cols), d_scale, d_bias[:num_rows]
