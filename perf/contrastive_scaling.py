@@ -39,7 +39,12 @@ _GIB = 2.0**30
 
 
 def _child_setup(devices: int):
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # The simulated devices share the host's cores, so at large B one device can reach a ring
+  # step's collective-permute minutes after another; XLA:CPU aborts the process when a
+  # collective waits more than 40 s by default (real accelerators run their devices in step).
+  os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={devices} "
+                             "--xla_cpu_collective_call_terminate_timeout_seconds=7200 "
+                             "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600")
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   sys.path.insert(0, _ROOT)
   import jax  # pylint: disable=import-outside-toplevel
