@@ -34,6 +34,9 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   e.ln_eps = 1e-6
   e.activation = "gelu"
   e.dropout = 0.0
+  e.remat = False            # recompute each block's activations in the backward pass
+  e.compute_dtype = "float32"  # float32 | bfloat16 (activations/matmuls; parameters stay fp32)
+  e.attention = "einsum"     # einsum | dot_product (jax.nn.dot_product_attention; no dropout)
   e.text = ml_collections.ConfigDict(dict(
       vocab_size=vocab_size, max_len=text_len, type_vocab_size=2, stem_norm=True,
       pooling="mean", causal=False))

@@ -28,7 +28,7 @@ def _masked_mean(values: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def sampled_softmax_loss(logits: jax.Array, item_ids: jax.Array, log_q: jax.Array,
-                         valid: jax.Array) -> jax.Array:
+                         valid: jax.Array, user_ids: jax.Array | None = None) -> jax.Array:
   """In-batch sampled softmax with logQ correction and accidental-hit masking.
 
   Args:
@@ -37,6 +37,8 @@ def sampled_softmax_loss(logits: jax.Array, item_ids: jax.Array, log_q: jax.Arra
     log_q: [B] log sampling probability of each column's item. In-batch negatives are drawn in
       proportion to popularity; subtracting log q (Yi et al., RecSys 2019) removes that bias.
     valid: [B] False for padding rows/columns.
+    user_ids: optional [B] user of each example; columns of the row's own user at another
+      position (that user's other positives) are then excluded too.
 
   Returns:
     Mean over valid rows of -log softmax(corrected logits)[r, r], where columns holding the
@@ -44,7 +46,10 @@ def sampled_softmax_loss(logits: jax.Array, item_ids: jax.Array, log_q: jax.Arra
   """
   corrected = logits - log_q[None, :]
   eye = jnp.eye(logits.shape[0], dtype=bool)
-  accidental = (item_ids[:, None] == item_ids[None, :]) & ~eye
+  same = item_ids[:, None] == item_ids[None, :]
+  if user_ids is not None:
+    same = same | (user_ids[:, None] == user_ids[None, :])
+  accidental = same & ~eye
   allowed = valid[None, :] & ~accidental
   return _masked_mean(_row_cross_entropy(corrected, allowed), valid)
 

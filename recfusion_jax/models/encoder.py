@@ -72,9 +72,12 @@ class ContentEncoder(nnx.Module):
     ) if "video" in self.modalities else None
 
     def make_trunk():
+      # Memory switches (transformer.py); .get keeps configs written before them working.
       return Trunk(width=width, depth=cfg.depth, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
                    pre_ln=cfg.pre_ln, ln_eps=cfg.ln_eps, activation=cfg.activation,
-                   dropout=cfg.dropout, rngs=rngs)
+                   dropout=cfg.dropout, remat=cfg.get("remat", False),
+                   compute_dtype=cfg.get("compute_dtype", "float32"),
+                   attention=cfg.get("attention", "einsum"), rngs=rngs)
 
     self.trunk = make_trunk() if self.unified else None
     self.towers = None if self.unified else nnx.Dict({m: make_trunk() for m in self.modalities})

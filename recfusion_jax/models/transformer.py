@@ -3,6 +3,14 @@
 Parameter names and layouts follow Hugging Face BERT/ViT/CLIP closely (separate query/key/value
 projections, two-layer MLP, LayerNorm placement switchable between post-LN and pre-LN) so that
 `recfusion_jax.convert` can map pretrained checkpoints onto it one tensor at a time.
+
+Memory options (none changes a parameter's name, shape or dtype):
+  ``remat``          recompute each block's activations in the backward pass (``nnx.remat``):
+                     activation memory of one block instead of ``depth`` blocks;
+  ``compute_dtype``  "bfloat16": activations and matmuls in bf16, parameters stay float32 (so
+                     do optimizer states); LayerNorm statistics and attention softmax in float32;
+  ``attention``      "dot_product": ``jax.nn.dot_product_attention`` (fused kernels on GPU)
+                     instead of the explicit einsum; it has no attention-probability dropout.
 """
 
 from __future__ import annotations
@@ -22,21 +30,40 @@ ACTIVATIONS = {
 # attention and finite output, never NaN.
 _MASK_VALUE = -1e9
 
+ATTENTIONS = ("einsum", "dot_product")
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_dtype(name: str):
+  """The jnp dtype of a ``compute_dtype`` config string."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute_dtype={name!r}; choose from {sorted(COMPUTE_DTYPES)}")
+  return COMPUTE_DTYPES[name]
+
 
 class Attention(nnx.Module):
   """Multi-head self-attention with [width, width] projections (the HF layout)."""
 
-  def __init__(self, width: int, num_heads: int, dropout: float, *, rngs: nnx.Rngs):
+  def __init__(self, width: int, num_heads: int, dropout: float, *, implementation: str = "einsum",
+               dtype=jnp.float32, rngs: nnx.Rngs):
     if width % num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+    if implementation not in ATTENTIONS:
+      raise ValueError(f"attention={implementation!r}; choose from {ATTENTIONS}")
+    if implementation == "dot_product" and dropout > 0:
+      raise ValueError("attention='dot_product' has no attention-probability dropout; set "
+                       f"dropout=0 or attention='einsum' (dropout={dropout})")
     self.num_heads = num_heads
-    self.query = nnx.Linear(width, width, rngs=rngs)
+    self.implementation = implementation
+    self.dtype = dtype
+    linear = lambda **kw: nnx.Linear(width, width, dtype=dtype, rngs=rngs, **kw)
+    self.query = linear()
     # No key bias: q.(k + b) = q.k + q.b shifts every logit of a query equally, and softmax
     # ignores that, so the bias has no effect and no gradient (pretrained key biases are
     # dropped on import with no change in outputs).
-    self.key = nnx.Linear(width, width, use_bias=False, rngs=rngs)
-    self.value = nnx.Linear(width, width, rngs=rngs)
-    self.out = nnx.Linear(width, width, rngs=rngs)
+    self.key = linear(use_bias=False)
+    self.value = linear()
+    self.out = linear()
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array, causal: bool = False) -> jax.Array:
@@ -47,12 +74,17 @@ class Attention(nnx.Module):
       return t.reshape(b, n, self.num_heads, head_dim)
 
     q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
     allowed = mask[:, None, None, :]
+    if self.implementation == "dot_product":
+      out = jax.nn.dot_product_attention(q, k, v, mask=allowed, is_causal=causal)
+      return self.out(out.reshape(b, n, width))
+    # Logits and softmax in float32 whatever the compute dtype (exp of bf16 logits loses bits).
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(head_dim))
     if causal:
       allowed = allowed & jnp.tril(jnp.ones((n, n), dtype=bool))[None, None]
     logits = jnp.where(allowed, logits, _MASK_VALUE)
-    probs = self.dropout(jax.nn.softmax(logits, axis=-1))
+    probs = self.dropout(jax.nn.softmax(logits, axis=-1)).astype(v.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, n, width)
     return self.out(out)
 
@@ -61,14 +93,17 @@ class Block(nnx.Module):
   """One Transformer layer; ``pre_ln`` picks ViT/CLIP (True) or BERT (False) ordering."""
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, pre_ln: bool, ln_eps: float,
-               activation: str, dropout: float, rngs: nnx.Rngs):
+               activation: str, dropout: float, attention: str = "einsum", dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.pre_ln = pre_ln
     self.activation = activation
-    self.attention = Attention(width, num_heads, dropout, rngs=rngs)
-    self.attention_norm = nnx.LayerNorm(width, epsilon=ln_eps, rngs=rngs)
-    self.mlp_in = nnx.Linear(width, mlp_dim, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, width, rngs=rngs)
-    self.mlp_norm = nnx.LayerNorm(width, epsilon=ln_eps, rngs=rngs)
+    self.attention = Attention(width, num_heads, dropout, implementation=attention, dtype=dtype,
+                               rngs=rngs)
+    # LayerNorm statistics are float32 whatever ``dtype`` (flax promotes them).
+    self.attention_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
+    self.mlp_in = nnx.Linear(width, mlp_dim, dtype=dtype, rngs=rngs)
+    self.mlp_out = nnx.Linear(mlp_dim, width, dtype=dtype, rngs=rngs)
+    self.mlp_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def _mlp(self, x):
@@ -83,21 +118,38 @@ class Block(nnx.Module):
 
 
 class Trunk(nnx.Module):
-  """A stack of blocks; pre-LN trunks end with a final LayerNorm (ViT ``layernorm``)."""
+  """A stack of blocks; pre-LN trunks end with a final LayerNorm (ViT ``layernorm``).
+
+  Takes and returns activations in the caller's dtype; computes in ``compute_dtype``.
+  """
 
   def __init__(self, *, width: int, depth: int, num_heads: int, mlp_dim: int, pre_ln: bool,
-               ln_eps: float, activation: str, dropout: float, rngs: nnx.Rngs):
+               ln_eps: float, activation: str, dropout: float, remat: bool = False,
+               compute_dtype: str = "float32", attention: str = "einsum", rngs: nnx.Rngs):
     if activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+    dtype = resolve_dtype(compute_dtype)
+    self.dtype = dtype
+    self.remat = bool(remat)
     self.layers = nnx.List([
         Block(width, num_heads, mlp_dim, pre_ln=pre_ln, ln_eps=ln_eps, activation=activation,
-              dropout=dropout, rngs=rngs)
+              dropout=dropout, attention=attention, dtype=dtype, rngs=rngs)
         for _ in range(depth)
     ])
     # Post-LN blocks already end normalised; a pre-LN stack needs one more norm.
-    self.final_norm = nnx.LayerNorm(width, epsilon=ln_eps, rngs=rngs) if pre_ln else None
+    self.final_norm = (nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
+                       if pre_ln else None)
 
   def __call__(self, x: jax.Array, mask: jax.Array, causal: bool = False) -> jax.Array:
+    out_dtype = x.dtype
+    x = x.astype(self.dtype)
+    apply = lambda layer, x, mask: layer(x, mask, causal)
+    if self.remat:
+      # Saves only each block's input; the backward pass re-runs the block (same dropout draw:
+      # the RNG state is an input of the rematerialised function).
+      apply = nnx.remat(apply)
     for layer in self.layers:
-      x = layer(x, mask, causal)
-    return self.final_norm(x) if self.final_norm is not None else x
+      x = apply(layer, x, mask)
+    if self.final_norm is not None:
+      x = self.final_norm(x)
+    return x.astype(out_dtype)

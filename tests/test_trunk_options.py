@@ -1,0 +1,144 @@
+"""The trunk's memory options against the plain path.
+
+remat and dot_product attention must give the same outputs and gradients (1e-5); bf16 compute
+must stay close (bf16 keeps 8 mantissa bits, so 'close' is the stated tolerance below) while
+parameters, gradients and optimizer state stay float32 and the matmuls really run in bf16.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from recfusion_jax.models.encoder import ContentEncoder
+from recfusion_jax.models.transformer import Trunk
+
+from helpers import random_batch, tiny_config
+
+_RTOL = 1e-5
+# bf16 against float32 on unit-scale LayerNorm outputs of a 2-block trunk: the error of a few
+# roundings to 8 mantissa bits (2^-8 = 0.004 each), with margin.
+_BF16_ATOL = 0.05
+_BF16_MIN_GRAD_COSINE = 0.999
+
+
+def _trunk(seed=0, **options):
+  return Trunk(width=16, depth=2, num_heads=2, mlp_dim=32, pre_ln=options.pop("pre_ln", True),
+               ln_eps=1e-6, activation="gelu", dropout=options.pop("dropout", 0.0),
+               rngs=nnx.Rngs(seed), **options)
+
+
+def _inputs(b=3, n=7, width=16):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(b, n, width)).astype(np.float32)
+  mask = np.ones((b, n), bool)
+  mask[0, 4:] = False   # padding
+  mask[2] = False       # an absent modality: no valid key at all
+  return jnp.asarray(x), jnp.asarray(mask)
+
+
+def _loss(trunk, x, mask, causal):
+  out = trunk(x, mask, causal)
+  return jnp.sum(jnp.sin(out) * jnp.arange(out.shape[-1])), out
+
+
+@nnx.jit(static_argnums=3)
+def _value_and_grads(trunk, x, mask, causal):
+  grad_fn = nnx.value_and_grad(_loss, argnums=(0, 1), has_aux=True)
+  (loss, out), (g_params, g_x) = grad_fn(trunk, x, mask, causal)
+  return loss, out, g_params, g_x
+
+
+def _assert_same(got, want, rtol=_RTOL):
+  for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=rtol,
+                               atol=rtol * max(float(np.abs(np.asarray(w)).max()), 1e-3),
+                               err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("option,pre_ln,causal,dropout", [
+    ({"remat": True}, True, False, 0.3),         # same dropout draw in both passes
+    ({"remat": True}, False, True, 0.0),
+    ({"attention": "dot_product"}, True, False, 0.0),
+    ({"attention": "dot_product"}, False, True, 0.0),
+])
+def test_option_equals_plain_trunk(option, pre_ln, causal, dropout):
+  x, mask = _inputs()
+  plain = _value_and_grads(_trunk(pre_ln=pre_ln, dropout=dropout), x, mask, causal)
+  other = _value_and_grads(_trunk(pre_ln=pre_ln, dropout=dropout, **option), x, mask, causal)
+  assert np.all(np.isfinite(np.asarray(other[1])))
+  _assert_same(other, plain)
+  if dropout:  # the comparison did involve a dropout draw
+    no_dropout = _value_and_grads(_trunk(pre_ln=pre_ln, **option), x, mask, causal)[1]
+    assert np.abs(np.asarray(other[1]) - np.asarray(no_dropout)).max() > 1e-2
+
+
+def test_bfloat16_is_close_and_keeps_float32_state():
+  x, mask = _inputs()
+  plain = _value_and_grads(_trunk(), x, mask, True)
+  trunk = _trunk(compute_dtype="bfloat16")
+  loss, out, g_params, g_x = _value_and_grads(trunk, x, mask, True)
+  assert out.dtype == jnp.float32 and g_x.dtype == jnp.float32  # the caller's dtype
+  np.testing.assert_allclose(np.asarray(out), np.asarray(plain[1]), atol=_BF16_ATOL)
+  assert np.abs(np.asarray(out) - np.asarray(plain[1])).max() > 1e-4  # really not float32
+  for got, want in zip(jax.tree.leaves(g_params), jax.tree.leaves(plain[2])):
+    got, want = np.asarray(got).ravel(), np.asarray(want).ravel()
+    cosine = got @ want / (np.linalg.norm(got) * np.linalg.norm(want))
+    assert cosine > _BF16_MIN_GRAD_COSINE
+  # Parameters and their gradients are float32 ...
+  for leaf in jax.tree.leaves(nnx.state(trunk, nnx.Param)) + jax.tree.leaves(g_params):
+    assert leaf.dtype == jnp.float32
+  # ... and so is the optimizer state after an update.
+  optimizer = nnx.Optimizer(trunk, optax.adamw(1e-3), wrt=nnx.Param)
+  optimizer.update(trunk, g_params)
+  for leaf in jax.tree.leaves(nnx.state(optimizer.opt_state)):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert leaf.dtype == jnp.float32
+  for leaf in jax.tree.leaves(nnx.state(trunk, nnx.Param)):
+    assert leaf.dtype == jnp.float32
+  # The matmuls do run in bf16 (the plain trunk has none).
+  graphdef, state = nnx.split(trunk)
+  jaxpr = str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, mask))(state, x))
+  assert "dot_general" in jaxpr and "bf16[3,7,16]" in jaxpr
+  graphdef, state = nnx.split(_trunk())
+  assert "bf16" not in str(jax.make_jaxpr(lambda s, x: nnx.merge(graphdef, s)(x, mask))(state, x))
+
+
+def test_bad_options_are_refused():
+  with pytest.raises(ValueError, match="compute_dtype"):
+    _trunk(compute_dtype="float16")
+  with pytest.raises(ValueError, match="attention"):
+    _trunk(attention="flash")
+  with pytest.raises(ValueError, match="dropout"):
+    _trunk(attention="dot_product", dropout=0.1)
+
+
+def test_encoder_config_switches_reach_the_trunk():
+  config = tiny_config()
+  config.model.modalities = ("text",)  # one stem is enough to check the threading
+  batch = {k: jnp.asarray(v) for k, v in random_batch(config, 4, 10, 20).items()}
+  cfg = config.model.encoder
+  assert (cfg.remat, cfg.compute_dtype, cfg.attention) == (False, "float32", "einsum")
+
+  @nnx.jit
+  def encode(encoder, batch):
+    return encoder(batch)
+
+  def build(**switches):
+    e = cfg.copy_and_resolve_references()
+    for key, value in switches.items():
+      e[key] = value
+    return ContentEncoder(e, tuple(config.model.modalities), config.model.embed_dim,
+                          rngs=nnx.Rngs(0))
+
+  plain = build()
+  switched = build(remat=True, attention="dot_product", compute_dtype="bfloat16")
+  block = switched.trunk.layers[0]
+  assert switched.trunk.remat and block.attention.implementation == "dot_product"
+  assert block.mlp_in.dtype == jnp.bfloat16 and block.mlp_in.kernel[...].dtype == jnp.float32
+  emb, _ = encode(switched, batch)
+  want, _ = encode(plain, batch)
+  assert emb.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(emb), np.asarray(want), atol=_BF16_ATOL)
