@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recfusion_jax import serving
 from recfusion_jax.data.types import MODALITIES, Catalogue, feature_key
 from recfusion_jax.models.fusion import fused_scores
 from recfusion_jax.models.recfusion import RecFusion, source_names
@@ -33,14 +34,6 @@ CONTENT_KEYS = ("text_ids", "text_mask", "image", "video",
 USER_KEYS = ("user_id", "user_has_id", "history", "history_mask")
 
 
-def _pad_rows(arrays: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-  out = {}
-  for key, value in arrays.items():
-    pad = rows - value.shape[0]
-    out[key] = np.concatenate([value, np.zeros((pad,) + value.shape[1:], value.dtype)]) if pad else value
-  return out
-
-
 def chunked(fn, arrays: Mapping[str, np.ndarray], chunk: int) -> Any:
   """Applies ``fn`` to fixed-size row chunks (last one padded: one compilation) and concatenates."""
   n = next(iter(arrays.values())).shape[0]
@@ -48,7 +41,7 @@ def chunked(fn, arrays: Mapping[str, np.ndarray], chunk: int) -> Any:
   for start in range(0, n, chunk):
     part = {k: v[start:start + chunk] for k, v in arrays.items()}
     rows = next(iter(part.values())).shape[0]
-    out = fn(_pad_rows(part, chunk))
+    out = fn(serving.pad_rows(part, chunk))
     outs.append(jax.tree.map(lambda x, rows=rows: np.asarray(x)[:rows], out))
   return jax.tree.map(lambda *xs: np.concatenate(xs), *outs)
 
@@ -78,8 +71,11 @@ class Recommender:
                        item_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-modality embeddings [N, M, d] and presence [N, M] of (a subset of) the catalogue."""
     ids = np.arange(catalogue.num_items) if item_ids is None else np.asarray(item_ids)
-    return chunked(lambda c: self._encode(self.state, c), content_inputs(catalogue, ids),
-                   self.chunk)
+    # Content is gathered chunk by chunk: a catalogue's images are never copied all at once.
+    parts = [chunked(lambda c: self._encode(self.state, c),
+                     content_inputs(catalogue, ids[start:start + self.chunk]), self.chunk)
+             for start in range(0, len(ids), self.chunk)]
+    return tuple(np.concatenate(xs) for xs in zip(*parts))
 
   def item_table(self, catalogue: Catalogue, content_emb: np.ndarray | None = None,
                  presence: np.ndarray | None = None,
@@ -118,8 +114,10 @@ def _encode_users(graphdef, state, x):
   return {k: v for k, v in users.items() if v is not None}
 
 
-def refresh_item_cache(model: RecFusion, catalogue: Catalogue, chunk: int = 256) -> None:
-  """Re-encodes ``catalogue`` into the model's item cache with eval-mode encodings (in place).
+def refresh_item_cache(model: RecFusion, catalogue: Catalogue, chunk: int = 256
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """Re-encodes ``catalogue`` into the model's item cache with eval-mode encodings (in place);
+  returns them (per-modality embeddings [N, M, d], presence [N, M]).
 
   Users' histories are read from the cache; after training it holds encodings written with
   dropout and with parameters of earlier steps, so inference refreshes it first, as the
@@ -128,6 +126,7 @@ def refresh_item_cache(model: RecFusion, catalogue: Catalogue, chunk: int = 256)
   emb, presence = Recommender(model, chunk=chunk).encode_catalogue(catalogue)
   ids = np.arange(catalogue.num_items, dtype=np.int32)
   model.write_cache(ids, emb, presence, np.ones(ids.shape, bool), catalogue.has_id)
+  return emb, presence
 
 
 def param_name(path: tuple[Any, ...]) -> str:
@@ -135,7 +134,7 @@ def param_name(path: tuple[Any, ...]) -> str:
   return "/".join(str(key) for key in path)
 
 
-def _placeholder(value: Any) -> jax.Array:
+def placeholder_like(value: Any) -> jax.Array:
   """A value of ``value``'s shape and dtype (PRNG keys included)."""
   if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
     return jnp.broadcast_to(jax.random.key(0), value.shape)
@@ -182,7 +181,7 @@ class ServingFunctions:
       raise KeyError(f"{len(missing)} parameters missing, e.g. {missing[:3]}")
     flat = [(path, variable.replace(params[name]))
             for path, variable, name in zip(self._paths, self._variables, self.names)]
-    rngs = [(path, variable.replace(_placeholder(variable.get_value())))
+    rngs = [(path, variable.replace(placeholder_like(variable.get_value())))
             for path, variable in self._rng_state]
     return nnx.merge(self.graphdef, nnx.from_flat_state(rngs), nnx.from_flat_state(flat))
 
@@ -219,4 +218,4 @@ class ServingFunctions:
 
 
 __all__ = ["CONTENT_KEYS", "USER_KEYS", "Recommender", "ServingFunctions", "chunked",
-           "content_inputs", "param_name", "refresh_item_cache"]
+           "content_inputs", "param_name", "placeholder_like", "refresh_item_cache"]

@@ -21,6 +21,7 @@ from flax import nnx
 from recfusion_jax import sharding
 from recfusion_jax.data.types import RecDataset
 from recfusion_jax.models.recfusion import RecFusion
+from recfusion_jax.recommend.inference import placeholder_like
 
 # Where the model sits in the saved train state: ``nnx.state((model, optimizer))`` stores it
 # under "0"; a checkpoint of the model alone has it at the root.
@@ -100,9 +101,6 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | epath.Path,
     manager.close()
   values = [_nested_get(restored, prefix + path + ("value",)) for path in paths]
   state = nnx.from_flat_state([(p, v.replace(x)) for (p, v), x in zip(flat, values)])
-  rngs = nnx.from_flat_state([
-      (p, v.replace(jax.random.key(0) if jax.dtypes.issubdtype(v.get_value().dtype,
-                                                                jax.dtypes.prng_key)
-                    else jax.numpy.zeros(v.get_value().shape, v.get_value().dtype)))
-      for p, v in nnx.to_flat_state(rng_state)])
+  rngs = nnx.from_flat_state([(p, v.replace(placeholder_like(v.get_value())))
+                              for p, v in nnx.to_flat_state(rng_state)])
   return nnx.merge(graphdef, rngs, state), int(step)
