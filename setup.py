@@ -10,12 +10,19 @@ CORE = [
     "orbax-checkpoint==0.12.8",
     "grain==0.2.18",
     "ml_collections==1.1.0",
+    "clu==0.0.12",            # metric writers, progress reports (train loop)
     "absl-py>=2.1",
     "numpy>=2.0",
 ]
 
+# What each job installs (no job pulls torch/transformers: they are test references only):
+#   main MovieLens job (launch/movielens.sh):  .[data,bench]     (+ convert for SIZE=base)
+#   recommend / export from a workdir:         core (+ data for a new item's text or image)
+#   serving an export directory:               jax and numpy only (recfusion_jax/serving.py)
+#   tests:                                     .[data,bench,convert,test]  (= .[all])
 EXTRAS = {
-    # Building the MovieLens data set: TFDS ArrayRecord builders, poster decoding, WordPiece.
+    # Building the MovieLens data set (TFDS ArrayRecord builders, poster decoding, WordPiece);
+    # pillow and tokenizers also read a new item's image and text in the recommend CLI.
     "data": [
         "tensorflow-datasets==4.9.10",
         "tensorflow-cpu==2.21.0",
@@ -23,17 +30,20 @@ EXTRAS = {
         "pillow>=10",
         "tokenizers==0.23.3",
     ],
+    # The benchmark runner's plots (RESULTS.md figures).
+    "bench": ["matplotlib>=3.8"],
     # Importing Hugging Face checkpoints (safetensors are read directly, no transformers needed).
     "convert": ["safetensors==0.8.0"],
-    # Tests and benchmarks; torch/transformers only as the reference for converter tests.
-    "dev": [
+    # Tests: pytest, and torch/transformers as the reference implementations of the converter
+    # tests (never imported by the library).
+    "test": [
         "pytest==9.0.3",
         "torch==2.13.0",
         "transformers==5.24.0",
-        "matplotlib>=3.8",
     ],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+EXTRAS["dev"] = EXTRAS["all"]     # the former name of the test environment
 
 setup(
     name="recfusion-jax",

@@ -174,4 +174,7 @@ def apply_presence(catalogue: types.Catalogue, presence: np.ndarray) -> types.Ca
       image=None if catalogue.image is None else catalogue.image * image_on[:, None, None, None],
       video=None if catalogue.video is None else
       catalogue.video * video_on[:, None, None, None, None],
-      presence=presence, has_id=catalogue.has_id)
+      presence=presence, has_id=catalogue.has_id,
+      features=None if catalogue.features is None else {
+          m: value * presence[:, types.MODALITIES.index(m)][:, None]
+          for m, value in catalogue.features.items()})

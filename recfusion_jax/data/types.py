@@ -18,6 +18,13 @@ import numpy as np
 # Order of the content modalities everywhere (presence columns, fusion sources, configs).
 MODALITIES: tuple[str, ...] = ("text", "image", "video")
 
+
+
+def feature_key(modality: str) -> str:
+  """Batch key of a modality given as a precomputed feature vector: ``text_features`` etc."""
+  return f"{modality}_features"
+
+
 # Keys of a training batch, with dtype and shape (B = batch, L = history length,
 # Lt = text length, H/W = image size, T = video frames, M = len(MODALITIES)).
 TRAIN_BATCH_SPEC: dict[str, tuple[str, str]] = {
@@ -32,6 +39,10 @@ TRAIN_BATCH_SPEC: dict[str, tuple[str, str]] = {
     "text_mask": ("bool", "[B, Lt]"),
     "image": ("uint8", "[B, H, W, 3]"),
     "video": ("uint8", "[B, T, H, W, 3]"),
+    # Precomputed feature vectors (MMRec-style data: ``<modality>_features``), one per item.
+    "text_features": ("float32", "[B, Ft]"),
+    "image_features": ("float32", "[B, Fi]"),
+    "video_features": ("float32", "[B, Fv]"),
     "presence": ("bool", "[B, M]"),          # which modalities the positive item has
     "example_mask": ("bool", "[B]"),         # False on padding rows of a partial batch
 }
@@ -43,6 +54,10 @@ class Catalogue:
 
   A modality that a data set does not have at all (video for MovieLens) is None;
   a modality that one item lacks has presence False and zeros in its row.
+
+  ``features`` holds modalities given as precomputed vectors instead of raw content (MMRec's
+  ``text_feat.npy`` / ``image_feat.npy``): {modality: [N, F] float32}; the encoder's
+  ``features`` stem reads them under the batch key ``feature_key(modality)``.
   """
 
   text_ids: np.ndarray | None      # [N, Lt] int32, 0 = padding
@@ -51,6 +66,15 @@ class Catalogue:
   video: np.ndarray | None         # [N, T, H, W, 3] uint8
   presence: np.ndarray             # [N, M] bool, columns in MODALITIES order
   has_id: np.ndarray               # [N] bool: item has a trained ID embedding (seen in training)
+  features: dict[str, np.ndarray] | None = None  # {modality: [N, F] float32}, see above
+
+  def __post_init__(self):
+    for modality, value in (self.features or {}).items():
+      if modality not in MODALITIES:
+        raise ValueError(f"features of unknown modality {modality!r}; known: {MODALITIES}")
+      if value.ndim != 2 or value.shape[0] != self.presence.shape[0]:
+        raise ValueError(f"features[{modality!r}] has shape {value.shape}; expected "
+                         f"[{self.presence.shape[0]}, F]")
 
   @property
   def num_items(self) -> int:
@@ -63,6 +87,8 @@ class Catalogue:
       value = getattr(self, key)
       if value is not None:
         out[key] = value[item_ids]
+    for modality, value in (self.features or {}).items():
+      out[feature_key(modality)] = value[item_ids]
     return out
 
 

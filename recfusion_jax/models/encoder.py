@@ -5,6 +5,11 @@ modality-type embedding; ``unified=False`` builds one trunk per modality instead
 and the layout for two-tower checkpoints such as CLIP). Each item's modalities are encoded as
 separate sequences: they have different lengths, and packing them into one sequence would make
 attention cost grow with the product instead of the sum.
+
+Each modality's stem is chosen by ``encoder.<modality>.stem``: its raw-content stem (``tokens``
+for text, ``pixels`` for image and video; the default) or ``features``, a projection of a
+precomputed vector (``encoder.<modality>.feature_dim`` wide, batch key ``<modality>_features``)
+into one trunk token -- for data sets that ship features instead of content (MMRec).
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from recfusion_jax.data.types import MODALITIES
+from recfusion_jax.data.types import MODALITIES, feature_key
 from recfusion_jax.models import stems
 from recfusion_jax.models.transformer import Trunk
 
 POOLINGS = ("cls", "mean", "eos")
+# Stems a modality can have; the first is the default.
+STEMS: dict[str, tuple[str, ...]] = {"text": ("tokens", "features"),
+                                     "image": ("pixels", "features"),
+                                     "video": ("pixels", "features")}
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -57,19 +66,27 @@ class ContentEncoder(nnx.Module):
       if how not in POOLINGS:
         raise ValueError(f"encoder.{m}.pooling={how!r}; choose from {POOLINGS}")
 
-    t, i, v = cfg.text, cfg.image, cfg.video
-    self.text_stem = stems.TextStem(
+    self.stem_kinds = {m: cfg[m].get("stem", STEMS[m][0]) for m in self.modalities}
+    for m, kind in self.stem_kinds.items():
+      if kind not in STEMS[m]:
+        raise ValueError(f"encoder.{m}.stem={kind!r}; choose from {STEMS[m]}")
+
+    def stem_for(modality, make_raw):
+      if modality not in self.modalities:
+        return None
+      if self.stem_kinds[modality] == "features":
+        return stems.FeatureStem(feature_dim=cfg[modality].feature_dim, width=width, **common)
+      return make_raw(cfg[modality])
+
+    self.text_stem = stem_for("text", lambda t: stems.TextStem(
         vocab_size=t.vocab_size, max_len=t.max_len, width=width,
-        type_vocab_size=t.type_vocab_size, stem_norm=t.stem_norm, **common,
-    ) if "text" in self.modalities else None
-    self.image_stem = stems.ImageStem(
+        type_vocab_size=t.type_vocab_size, stem_norm=t.stem_norm, **common))
+    self.image_stem = stem_for("image", lambda i: stems.ImageStem(
         image_size=i.size, patch_size=i.patch, channels=3, width=width,
-        patch_bias=i.patch_bias, pre_norm=i.pre_norm, **common,
-    ) if "image" in self.modalities else None
-    self.video_stem = stems.VideoStem(
+        patch_bias=i.patch_bias, pre_norm=i.pre_norm, **common))
+    self.video_stem = stem_for("video", lambda v: stems.VideoStem(
         num_frames=v.frames, image_size=v.size, tubelet_frames=v.tubelet_frames,
-        patch_size=v.patch, channels=3, width=width, dropout=cfg.dropout, rngs=rngs,
-    ) if "video" in self.modalities else None
+        patch_size=v.patch, channels=3, width=width, dropout=cfg.dropout, rngs=rngs))
 
     def make_trunk():
       # Memory switches (transformer.py); .get keeps configs written before them working.
@@ -90,7 +107,15 @@ class ContentEncoder(nnx.Module):
   def trunk_for(self, modality: str) -> Trunk:
     return self.trunk if self.unified else self.towers[modality]
 
+  def content_key(self, modality: str) -> str:
+    """The batch key this encoder reads for ``modality`` (its stem's input)."""
+    if self.stem_kinds[modality] == "features":
+      return feature_key(modality)
+    return "text_ids" if modality == "text" else modality
+
   def stem_tokens(self, modality: str, content: Mapping[str, jax.Array]):
+    if self.stem_kinds[modality] == "features":
+      return getattr(self, f"{modality}_stem")(content[feature_key(modality)])
     if modality == "text":
       return self.text_stem(content["text_ids"], content["text_mask"])
     if modality == "image":
@@ -113,8 +138,8 @@ class ContentEncoder(nnx.Module):
     M counts this encoder's modalities in MODALITIES order. Absent modalities are still run
     through the network (static shapes under jit) and then masked out.
     """
-    missing = [m for m in self.modalities
-               if ("text_ids" if m == "text" else m) not in content]
+    missing = [f"{m} ({self.content_key(m)})" for m in self.modalities
+               if self.content_key(m) not in content]
     if missing:
       raise KeyError(f"batch has no content for modalities {missing} that the model encodes")
     presence = jnp.stack(

@@ -109,3 +109,25 @@ class VideoStem(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...], (b, 1, width))
     x = jnp.concatenate([cls, tubes.reshape(b, -1, width)], axis=1)
     return self.dropout(x), jnp.ones(x.shape[:2], dtype=bool)
+
+
+class FeatureStem(nnx.Module):
+  """A precomputed feature vector (e.g. MMRec's VGG image / sentence-transformer text features)
+  -> one trunk token: LayerNorm over the input (the sets' features differ in scale by orders of
+  magnitude), then a linear projection to the trunk's width."""
+
+  def __init__(self, *, feature_dim: int, width: int, ln_eps: float, dropout: float,
+               rngs: nnx.Rngs):
+    if feature_dim < 1:
+      raise ValueError(f"feature_dim must be >= 1, got {feature_dim}")
+    self.input_norm = nnx.LayerNorm(feature_dim, epsilon=ln_eps, rngs=rngs)
+    self.projection = nnx.Linear(feature_dim, width, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.feature_dim = feature_dim
+
+  def __call__(self, features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    if features.ndim != 2 or features.shape[1] != self.feature_dim:
+      raise ValueError(f"features of shape {features.shape} given to a stem built for "
+                       f"[B, {self.feature_dim}]")
+    x = self.projection(self.input_norm(features.astype(jnp.float32)))[:, None]
+    return self.dropout(x), jnp.ones(x.shape[:2], dtype=bool)
