@@ -73,7 +73,8 @@ def _anything(value: Any) -> None:
 SCHEMA: dict[str, Any] = {
     "seed": _int(0),
     "data": {
-        "source": _choice("synthetic", "movielens"),
+        "source": _choice("synthetic", "movielens", "mmrec"),
+        "name": _anything, "filter_cold_users": _choice(True, False),   # mmrec
         "synthetic": None,
         "num_workers": _int(0),
         "history": _choice("earlier", "all_others"),
