@@ -87,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-3, warmup_steps=30, weight_decay=1e-4, clip_norm=1.0, b2=0.98))
+  config.nonfinite = "stop"           # a NaN/Inf loss or gradient: stop | skip (drop the update)
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices
   config.log_every = 50

@@ -113,7 +113,7 @@ class Tables:
   descriptions: list[str]       # "" = no usable description
   ml1m_ids: np.ndarray          # [N] int32, -1 = no title match
   user_ids: np.ndarray          # [U] int64 raw ids, ascending = dense order
-  log: splits_lib.LogArrays     # cleaned interactions, raw ids, file order
+  log: splits_lib.LogArrays     # cleaned interactions, raw ids, sorted by (user, timestamp, item)
   report: BuildReport
   join_report: dict
   raw_counts: dict
@@ -231,10 +231,12 @@ def _clean_interactions(rows: list[list[str]], known_users: set[int], known_item
     previous = kept.get((u, i))
     if previous is not None:
       report.add("inter_duplicate", f"user {u} item {i}")
-      if t < previous[0]:
-        continue  # the kept one is later; ties go to the later row in the file
+      if (t, r) <= (previous[0], previous[1]):
+        continue  # the kept one is later; a tie keeps the higher rating (order-free)
     kept[(u, i)] = (t, r, k)
-  ordered = sorted(kept.items(), key=lambda kv: kv[1][2])  # back to file order
+  # A canonical order, (user, timestamp, item), not file order: a duplicated or reordered raw
+  # row then changes no row's position, so no split label (the splits draw by position).
+  ordered = sorted(kept.items(), key=lambda kv: (kv[0][0], kv[1][0], kv[0][1]))
   users = np.asarray([ui[0] for ui, _ in ordered], np.int64)
   items = np.asarray([ui[1] for ui, _ in ordered], np.int64)
   stamps = np.asarray([v[0] for _, v in ordered], np.int64)

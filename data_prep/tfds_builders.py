@@ -140,7 +140,7 @@ class MovielensMmInteractions(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description="MovieLens-100k ratings, raw ids, file order.",
+        description="MovieLens-100k ratings, raw ids, sorted by user, timestamp, item.",
         features=tfds.features.FeaturesDict({
             "user": tfds.features.Scalar(dtype=np.int64),
             "item": tfds.features.Scalar(dtype=np.int64),

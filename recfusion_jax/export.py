@@ -120,10 +120,11 @@ def main(argv):
   full_graphdef, full_state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
   del graphdef, state
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), full_state)
-  restored = ckpt.restore(abstract)
+  # The newest checkpoint that loads and matches its content fingerprint (older ones otherwise).
+  restored = ckpt.restore(abstract, fingerprint_fn=checkpointing.make_fingerprint_fn())
   if restored is None:
     raise FileNotFoundError(f"no checkpoint under {flags.FLAGS.workdir}/checkpoints")
-  step, full_state = restored
+  step, full_state = restored.step, restored.state
   model, _ = nnx.merge(full_graphdef, full_state)
   manifest = export_for_serving(model, dataset.catalogue, flags.FLAGS.out,
                                 history_len=config.model.user.history_len, step=step)

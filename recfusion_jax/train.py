@@ -1,21 +1,32 @@
 """The training loop: config -> data -> sharded model -> steps -> checkpoints -> evaluation.
 
 One readable loop, in order:
+  0. the config is checked (``config_validation.validate``) before anything loads or compiles;
   1. data set (``data.sources``) and Grain iterator (each process reads its share);
   2. model + optimizer, split into (graphdef, state); the state is put on the mesh by the rules
-     in ``sharding.py``; a checkpoint, if any, is restored straight onto those shardings;
-  3. the jitted train step with explicit in/out shardings and the state donated;
+     in ``sharding.py``; the newest usable checkpoint, if any, is restored straight onto those
+     shardings and verified against its content fingerprint (``checkpointing``: an unusable
+     one is reported and the next older one tried);
+  3. the jitted train step with explicit in/out shardings and the state donated, behind
+     ``guard_nonfinite``: a NaN/Inf loss term or gradient norm stops the run before any save
+     (``nonfinite="stop"``) or drops that step's update (``"skip"``, counted and logged);
   4. every ``log_every`` steps: each loss term, learning rate, gate weights and examples/s to
      the console, TensorBoard and metrics.jsonl (clu writers), steps/s and ETA (clu
      ``ReportProgress``); every ``cache_refresh_every`` steps: re-encode the whole catalogue
      into the item cache; every ``checkpoint_every`` steps and at the end: an asynchronous
-     Orbax checkpoint;
-  5. ``train_and_evaluate`` only: full-ranking evaluation of the final model
+     Orbax checkpoint (with a content fingerprint);
+  5. SIGTERM/SIGINT (or a multi-host preemption notice): a checkpoint at the current step,
+     committed, then ``Preempted`` (the CLI exits with ``EXIT_PREEMPTED``, "resume me");
+  6. ``train_and_evaluate`` only: full-ranking evaluation of the final model
      (``model_eval.evaluate_model``, the benchmark runner's path).
+
+A resumed run rewrites metrics.jsonl from the restored step on, so the log has no duplicate
+steps and ``train_history`` covers the whole run.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -32,7 +43,8 @@ from flax import nnx
 
 from clu import periodic_actions
 
-from recfusion_jax import checkpointing, losses, model_eval, sharding, writers
+from recfusion_jax import (checkpointing, config_validation, losses, model_eval, sharding,
+                           writers)
 from recfusion_jax.data import examples, pipeline, sources
 from recfusion_jax.data.types import RecDataset
 from recfusion_jax.models.recfusion import RecFusion, source_names
@@ -183,22 +195,139 @@ def refresh_cache(refresh_fn, state, dataset: RecDataset, chunk: int) -> Any:
   return state
 
 
+# ---- the loop's guards: preemption, non-finite values ---------------------------------------
+
+EXIT_PREEMPTED = 75   # launch/common.sh RECFUSION_EXIT_PREEMPTED: "rerun the command to resume"
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT or a multi-host preemption notice ended training after a checkpoint."""
+
+  def __init__(self, step: int, reason: str, workdir: str):
+    self.step, self.reason = step, reason
+    super().__init__(f"{reason}: checkpoint of step {step} committed in {workdir}; run the "
+                     "same command again to resume from it")
+
+
+class NonFiniteError(RuntimeError):
+  """A NaN/Inf in a step's losses, gradient norm or state stopped training before any save."""
+
+  def __init__(self, step: int, terms: Mapping[str, float], what: str = "loss terms",
+               last_checkpoint: int | None = None):
+    self.step, self.terms = step, dict(terms)
+    saved = ("no checkpoint saved yet" if last_checkpoint is None
+             else f"last checkpoint: step {last_checkpoint}, kept")
+    super().__init__(
+        f"non-finite {what} at step {step}: {_format_terms(terms)}; stopped before saving "
+        f"({saved}). Lower optimizer.learning_rate, or set nonfinite='skip' to skip such steps")
+
+
+def _format_terms(terms: Mapping[str, float]) -> str:
+  return ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+
+
+def _scalars(aux: Mapping[str, Any]) -> dict[str, float]:
+  return {k: float(v) for k, v in aux.items() if np.ndim(v) == 0 and k != "nonfinite"}
+
+
+def _select(pred: jax.Array, new: jax.Array, old: jax.Array) -> jax.Array:
+  if jax.dtypes.issubdtype(new.dtype, jax.dtypes.prng_key):
+    data = jnp.where(pred, jax.random.key_data(new), jax.random.key_data(old))
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(new))
+  return jnp.where(pred, new, old)
+
+
+def guard_nonfinite(step_fn, mode: str = "stop"):
+  """``step_fn`` ((state, batch) -> (state, aux)) with ``aux["nonfinite"]`` added: whether any
+  floating value of aux (every loss term, the gradient norm, ...) is NaN or Inf.
+
+  ``mode="stop"`` returns the new state unchanged (the loop stops before saving it);
+  ``mode="skip"`` returns the old state instead, inside the same jitted step, so a bad batch
+  changes nothing (optimizer step counter and RNG streams included). The step's own math is
+  untouched; "skip" keeps the old state alive through the step (twice the state's memory).
+  """
+  if mode not in config_validation.NONFINITE_MODES:
+    raise ValueError(f"nonfinite={mode!r}; choose one of {config_validation.NONFINITE_MODES}")
+
+  def guarded(state, batch):
+    new_state, aux = step_fn(state, batch)
+    checks = [jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(aux)
+              if jnp.issubdtype(v.dtype, jnp.inexact)]
+    finite = jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
+    if mode == "skip":
+      new_state = jax.tree.map(functools.partial(_select, finite), new_state, state)
+    return new_state, {**aux, "nonfinite": jnp.logical_not(finite)}
+
+  return guarded
+
+
+def jit_guarded_train_step(graphdef, state_shardings, mesh, *, nonfinite: str = "stop",
+                           **step_kwargs):
+  """``train_step`` behind ``guard_nonfinite``, compiled as ``jit_train_step`` compiles it
+  (explicit in/out shardings, the old state donated)."""
+  step = guard_nonfinite(functools.partial(train_step, graphdef, **step_kwargs), nonfinite)
+  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
+                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+class _NonFiniteWatch:
+  """Reads each step's ``nonfinite`` flag without stalling the device: ``poll()`` looks at the
+  flags already computed, ``poll(wait=True)`` at all of them (before a save, an evaluation,
+  the end)."""
+
+  def __init__(self, mode: str, skipped: int = 0):
+    self.mode, self.skipped = mode, skipped
+    self.pending: collections.deque = collections.deque()
+    self.last_checkpoint: int | None = None
+
+  def add(self, step: int, aux: Mapping[str, Any]) -> None:
+    self.pending.append((step, aux))
+
+  def poll(self, wait: bool = False) -> None:
+    while self.pending:
+      step, aux = self.pending[0]
+      if not wait and not aux["nonfinite"].is_ready():
+        return
+      self.pending.popleft()
+      if not bool(jax.device_get(aux["nonfinite"])):
+        continue
+      terms = _scalars(jax.device_get(aux))
+      if self.mode == "stop":
+        raise NonFiniteError(step, terms, last_checkpoint=self.last_checkpoint)
+      self.skipped += 1
+      logging.warning("step %d skipped, its update dropped (nonfinite='skip'; %d skipped so "
+                      "far): %s", step, self.skipped, _format_terms(terms))
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
 class TrainedModel(NamedTuple):
   """What ``train_model`` returns: the final model (host copy), its data, mesh and logs."""
 
   model: RecFusion
   dataset: RecDataset
   mesh: Any
-  history: list[dict[str, Any]]
+  history: list[dict[str, Any]]   # training scalars of every logged step, resumed runs included
+  skipped_steps: int = 0          # steps whose update nonfinite="skip" dropped
+
+
+def _is_train_row(row: Mapping[str, Any]) -> bool:
+  return "total_loss" in row
 
 
 def train_model(config: ml_collections.ConfigDict, workdir: str,
                 dataset: RecDataset | None = None) -> TrainedModel:
-  """Trains ``config`` in ``workdir`` (resuming from its checkpoints); no evaluation.
+  """Trains ``config`` in ``workdir`` (resuming from its checkpoints); no final evaluation.
 
   ``dataset`` overrides ``data.sources.load_dataset(config)`` (e.g. a benchmark protocol's
-  train+valid fit).
+  train+valid fit). Raises ``config_validation.ConfigError`` before loading anything for a bad
+  config, ``Preempted`` after SIGTERM/SIGINT made it save a checkpoint, ``NonFiniteError`` when
+  a NaN/Inf stops it (``nonfinite="stop"``), ``checkpointing.CheckpointError`` when no
+  checkpoint of ``workdir`` can be restored.
   """
+  config_validation.validate(config, num_devices=jax.device_count(),
+                             num_processes=jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   dataset = sources.load_dataset(config) if dataset is None else dataset
   logging.info("data %s: %d users, %d items, %d train / %d valid / %d test, %d cold items",
@@ -206,8 +335,6 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
                len(dataset.valid), len(dataset.test), len(dataset.cold_items))
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  if config.batch_size % (mesh.size) or config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size {config.batch_size} must divide over {mesh.size} devices")
   local_batch = config.batch_size // jax.process_count()
   index = examples.TrainExampleIndex.build(dataset)
   log_q = examples.item_log_q(dataset)
@@ -226,21 +353,31 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   logging.info("state on mesh %s: %s", dict(mesh.shape), sharding.describe(state, state_shardings))
   state = sharding.put_global(state, state_shardings)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    save_every=config.checkpoint_every, keep=config.keep_checkpoints)
-  restored = ckpt.restore(checkpointing.abstract_like(state, state_shardings), data_iter)
-  start_step = 0
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
+      keep=config.keep_checkpoints)
+  fingerprint_fn = checkpointing.make_fingerprint_fn(mesh)
+  abstract_state = checkpointing.abstract_like(state, state_shardings)
+  restored = ckpt.restore(abstract_state, data_iter, fingerprint_fn=fingerprint_fn)
+  start_step, saved_metrics = 0, {}
   if restored is not None:
-    start_step, state = restored
+    start_step, state, saved_metrics = restored.step, restored.state, restored.metrics
     logging.info("resumed from step %d", start_step)
+  watch = _NonFiniteWatch(config.get("nonfinite", "stop"),
+                          int(saved_metrics.get("skipped_steps", 0)))
+  watch.last_checkpoint = start_step if restored is not None else None
 
-  step_fn = jit_train_step(graphdef, state_shardings, mesh,
-                           contrastive_weight=config.contrastive_weight, schedule=schedule,
-                           logq_weight=config.get("logq_weight", 1.0),
-                           full_catalogue=rec_loss_is_full(config),
-                           in_batch_weight=config.get("in_batch_weight", 1.0),
-                           exclude_history=config.get("exclude_history", False))
+  step_fn = jit_guarded_train_step(
+      graphdef, state_shardings, mesh, nonfinite=watch.mode,
+      contrastive_weight=config.contrastive_weight, schedule=schedule,
+      logq_weight=config.get("logq_weight", 1.0), full_catalogue=rec_loss_is_full(config),
+      in_batch_weight=config.get("in_batch_weight", 1.0),
+      exclude_history=config.get("exclude_history", False))
   refresh_fn = _refresh_cache_fn(graphdef, state_shardings)
+  # The log continues at the restored step: rows of the steps after it are written again.
+  earlier = writers.truncate_jsonl(workdir, start_step) if jax.process_index() == 0 else (
+      writers.read_jsonl(workdir))
+  history = [row for row in earlier if _is_train_row(row) and row["step"] <= start_step]
   writer = writers.create_writer(workdir)
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every,
@@ -249,42 +386,83 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   if start_step == 0:
     state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
 
-  history: list[dict[str, Any]] = []
+  last_saved = start_step if restored is not None else None
+  last_metrics: dict[str, Any] = {}
+
+  def save(step: int) -> None:
+    nonlocal last_saved
+    if last_saved == step:
+      return
+    watch.poll(wait=True)   # never save a state that a non-finite step produced
+    digest, finite = fingerprint_fn(state)
+    bad = sorted(n for n, ok in finite.items() if not ok)
+    if bad:
+      raise NonFiniteError(step, {n: float("nan") for n in bad[:5]}, what="state values",
+                           last_checkpoint=last_saved)
+    loss = float(jax.device_get(last_metrics["total_loss"])) if last_metrics else float("nan")
+    metrics = {checkpointing.FINITE_KEY: True, "loss": loss, "skipped_steps": watch.skipped}
+    ckpt.save(step, state, data_iter, fingerprint=digest, metrics=metrics, force=True)
+    last_saved = watch.last_checkpoint = step
+
   tick, tick_step = time.perf_counter(), start_step
-  for step in range(start_step + 1, config.num_steps + 1):
-    batch = pipeline.make_global_batch(next(data_iter), mesh)
-    state, metrics = step_fn(state, batch)
-    report_progress(step)
-    if step % config.cache_refresh_every == 0:
-      state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
-    if step % config.log_every == 0 or step == config.num_steps:
-      metrics = jax.device_get(metrics)
-      now = time.perf_counter()
-      values = {k: float(v) for k, v in metrics.items() if k != "gate_weights"}
-      values.update({f"gate/{n}": float(w) for n, w in zip(names, metrics["gate_weights"])})
-      values["examples_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
-      writer.write_scalars(step, values)
-      history.append({"step": step, **values})
-      tick, tick_step = time.perf_counter(), step
-    ckpt.save(step, state, data_iter, force=step == config.num_steps)
-  writer.close()
-  ckpt.wait()
-  ckpt.close()
+  step = start_step
+  try:
+    with checkpointing.PreemptionWatch() as preemption:
+      for step in range(start_step + 1, config.num_steps + 1):
+        batch = pipeline.make_global_batch(next(data_iter), mesh)
+        state, last_metrics = step_fn(state, batch)
+        watch.add(step, last_metrics)
+        watch.poll()
+        report_progress(step)
+        if step % config.cache_refresh_every == 0:
+          state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
+        if step % config.log_every == 0 or step == config.num_steps:
+          watch.poll(wait=True)
+          metrics = jax.device_get(last_metrics)
+          now = time.perf_counter()
+          values = {k: float(v) for k, v in metrics.items()
+                    if k not in ("gate_weights", "nonfinite")}
+          values.update({f"gate/{n}": float(w) for n, w in zip(names, metrics["gate_weights"])})
+          values["examples_per_sec"] = (step - tick_step) * config.batch_size / (now - tick)
+          if watch.mode == "skip":
+            values["skipped_steps"] = float(watch.skipped)
+          writer.write_scalars(step, values)
+          history.append({"step": step, **values})
+          tick, tick_step = time.perf_counter(), step
+        if step % config.checkpoint_every == 0 or step == config.num_steps:
+          save(step)
+        notice = ckpt.reached_preemption(step)
+        if preemption.requested or notice:
+          reason = (f"{preemption.signal_name} received" if preemption.requested
+                    else "preemption notice (all processes)")
+          save(step)
+          ckpt.wait()
+          writer.flush()
+          logging.warning("%s: checkpoint of step %d committed; exiting with code %d (rerun "
+                          "the same command to resume)", reason, step, EXIT_PREEMPTED)
+          raise Preempted(step, reason, workdir)
+      watch.poll(wait=True)
+  finally:
+    writer.close()
+    data_iter.close()
+    ckpt.close()   # waits for the saves in flight
 
   # A host copy of the final state, so evaluation can run on one process's devices alone.
   model, _ = nnx.merge(graphdef, sharding.to_host(state, mesh))
-  return TrainedModel(model, dataset, mesh, history)
+  return TrainedModel(model, dataset, mesh, history, watch.skipped)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates the result."""
-  model, dataset, mesh, history = train_model(config, workdir)
+  trained = train_model(config, workdir)
   # With one process the evaluation is sharded over the mesh; with several, every process ranks
   # all users on its own devices (same result on each).
-  results = model_eval.evaluate_model(model, dataset, config,
-                                      mesh if jax.process_count() == 1 else None,
+  results = model_eval.evaluate_model(trained.model, trained.dataset, config,
+                                      trained.mesh if jax.process_count() == 1 else None,
                                       split=config.get("eval_split", "test"))
-  results["train_history"] = history
+  results["train_history"] = trained.history
+  if trained.skipped_steps:
+    results["skipped_steps"] = trained.skipped_steps
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)

@@ -96,3 +96,30 @@ def setup_logging() -> None:
   if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
     handler.addFilter(_QuietLibraries())
   logging.getLogger("jax._src").setLevel(logging.WARNING)
+
+
+def read_jsonl(workdir: str) -> list[dict[str, Any]]:
+  """The rows of ``workdir/metrics.jsonl`` ([] when there is none)."""
+  path = os.path.join(workdir, JSONL_NAME)
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_jsonl(workdir: str, last_step: int) -> list[dict[str, Any]]:
+  """Drops the rows of steps after ``last_step`` from ``metrics.jsonl``; returns the kept rows.
+
+  A run resumed from the checkpoint of ``last_step`` writes those steps again, so the file
+  continues without duplicate steps. Rows without a step (hparams) are kept. The file is
+  replaced atomically (write + rename), so a kill during the rewrite loses nothing.
+  """
+  rows = read_jsonl(workdir)
+  kept = [row for row in rows if row.get("step", last_step) <= last_step]
+  if len(kept) != len(rows):
+    path = os.path.join(workdir, JSONL_NAME)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      for row in kept:
+        f.write(json.dumps(row) + "\n")
+    os.replace(path + ".tmp", path)
+  return kept

@@ -87,8 +87,9 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
   ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), save_every=1, keep=1)
   ckpt.save(7, saved, force=True)
   ckpt.wait()
-  step, restored = ckpt.restore(checkpointing.abstract_like(state, shard_b))
-  assert step == 7
+  out = ckpt.restore(checkpointing.abstract_like(state, shard_b))
+  assert out.step == 7
+  restored = out.state
   for a, b, s in zip(jax.tree.leaves(saved), jax.tree.leaves(restored), jax.tree.leaves(
       shard_b, is_leaf=lambda x: hasattr(x, "spec"))):
     assert b.sharding.is_equivalent_to(s, b.ndim)

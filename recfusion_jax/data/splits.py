@@ -17,8 +17,9 @@ Protocols:
     ratings >= 4 (the Cornac ``RatioSplit`` + ``rating_threshold=4`` protocol). Held-out rows
     whose user or item has no ``train`` row are labelled ``excluded`` (Cornac's
     ``exclude_unknowns``), so the protocol stays warm.
-  loo: per user, time order (ties: file order); the last interaction is ``test``, the
-    second-last ``valid``, all ratings count as positives.
+  loo: per user, time order (ties: log order; data_prep sorts the log by user, timestamp,
+    item); the last interaction is ``test``, the second-last ``valid``, all ratings count as
+    positives.
   cold_items: 20% of the items that have both text and poster go to ``test`` with all their
     interactions; a further 10% of them go to ``valid`` the same way. All ratings are positives.
   cold_users: 20% of the users with more than k interactions are test users: their first k

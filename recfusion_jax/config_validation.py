@@ -1,0 +1,254 @@
+"""Checks a training config before anything is loaded or compiled.
+
+``validate(config)`` reports every problem at once, on one line, in a ``ConfigError``: unknown
+keys of the sections the train loop reads (each with the closest valid name), intervals and
+sizes that must be positive, choices, and (given the device and process counts) whether the
+batch divides over them. The model section belongs to the model, which rejects what it cannot
+build; only the sizes the loop itself uses are checked here.
+
+``parse_flags(argv)`` is an absl ``flags_parser`` for CLIs with a ``config_flags`` config: a
+``--config.<field>=...`` override of a field that does not exist, or with a value of the wrong
+type, becomes one line (with the closest valid field) instead of a chained traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import ml_collections
+
+NONFINITE_MODES = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+  """A config the train loop cannot run; the message lists every problem found."""
+
+
+# Checkers: (value) -> problem text or None.
+def _int(minimum: int) -> Callable[[Any], str | None]:
+  def check(value):
+    if isinstance(value, bool) or not isinstance(value, int):
+      return f"must be an integer, got {value!r}"
+    if value < minimum:
+      return f"must be >= {minimum}, got {value}"
+    return None
+  return check
+
+
+def _number(minimum: float | None = None, *, strict: bool = False,
+            maximum: float | None = None) -> Callable[[Any], str | None]:
+  def check(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      return f"must be a finite number, got {value!r}"
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+      return f"must be {'>' if strict else '>='} {minimum}, got {value}"
+    if maximum is not None and value >= maximum:
+      return f"must be < {maximum}, got {value}"
+    return None
+  return check
+
+
+def _choice(*choices: Any) -> Callable[[Any], str | None]:
+  def check(value):
+    return None if value in choices else f"must be one of {list(choices)}, got {value!r}"
+  return check
+
+
+def _axis(value: Any) -> str | None:
+  if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+    return f"must be -1 (all remaining devices) or >= 1, got {value!r}"
+  return None
+
+
+def _anything(value: Any) -> None:
+  del value
+  return None
+
+
+# The sections the train loop reads. A dict is a sub-section; "model" and "data.synthetic" are
+# checked by their owners (the model and ``data.synthetic.resolve_config``).
+SCHEMA: dict[str, Any] = {
+    "seed": _int(0),
+    "data": {
+        "source": _choice("synthetic", "movielens"),
+        "synthetic": None,
+        "num_workers": _int(0),
+        "history": _choice("earlier", "all_others"),
+        "example": _choice("interaction", "cloze", "next"),
+        "target_share": _number(0.0, strict=True, maximum=1.0),
+        "dir": _anything, "protocol": _anything, "split_seed": _int(0), "text_len": _int(1),
+    },
+    "model": None,
+    "batch_size": _int(1),
+    "num_steps": _int(0),   # 0: the benchmark's pipeline check; validate(training=True) wants 1
+    "contrastive_weight": _number(0.0),
+    "rec_loss": _choice("sampled", "full"),
+    "logq_weight": _number(),
+    "in_batch_weight": _number(0.0),
+    "exclude_history": _choice(True, False),
+    "cache_refresh_every": _int(1),
+    "optimizer": {
+        "learning_rate": _number(0.0, strict=True),
+        "warmup_steps": _int(0),
+        "weight_decay": _number(0.0),
+        "clip_norm": _number(0.0, strict=True),
+        "b2": _number(0.0, strict=True, maximum=1.0),
+    },
+    "mesh": {"data": _axis, "fsdp": _int(1)},
+    "log_every": _int(1),
+    "checkpoint_every": _int(1),
+    "keep_checkpoints": _int(1),
+    "eval_block_size": _int(1),
+    "eval_split": _choice("valid", "test"),
+    "nonfinite": _choice(*NONFINITE_MODES),
+    "init_from": _anything,
+}
+# Keys every config must have (the others are optional, with the loop's defaults).
+REQUIRED = ("seed", "data.source", "batch_size", "num_steps", "optimizer.learning_rate",
+            "optimizer.warmup_steps", "optimizer.clip_norm", "mesh.data", "mesh.fsdp",
+            "log_every", "checkpoint_every", "keep_checkpoints", "eval_block_size",
+            "cache_refresh_every", "model.user.history_len")
+
+
+def _closest(name: str, known: Sequence[str]) -> str:
+  close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _walk(section: Any, schema: Mapping[str, Any], prefix: str, problems: list[str]) -> None:
+  for key in section.keys():
+    name = prefix + key
+    if key not in schema:
+      problems.append(f"unknown key {name!r}{_closest(key, list(schema))}")
+      continue
+    rule = schema[key]
+    value = section[key]
+    if rule is None:
+      continue
+    if isinstance(rule, dict):
+      if not hasattr(value, "keys"):
+        problems.append(f"{name} must be a section, got {value!r}")
+      else:
+        _walk(value, rule, name + ".", problems)
+      continue
+    problem = rule(value)
+    if problem:
+      problems.append(f"{name} {problem}")
+
+
+def _get(config: Any, dotted: str) -> Any:
+  node = config
+  for part in dotted.split("."):
+    if not hasattr(node, "keys") or part not in node:
+      raise KeyError(dotted)
+    node = node[part]
+  return node
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = None,
+             num_processes: int | None = None, training: bool = False) -> None:
+  """Raises ``ConfigError`` listing every problem of ``config`` (see the module docstring).
+
+  ``training``: the config must train (num_steps >= 1; the API allows 0, which evaluates the
+  initialised model, the benchmark's pipeline check).
+  """
+  problems: list[str] = []
+  _walk(config, SCHEMA, "", problems)
+  steps = config.get("num_steps")
+  if training and isinstance(steps, int) and not isinstance(steps, bool) and steps == 0:
+    problems.append("num_steps must be >= 1, got 0")
+  for dotted in REQUIRED:
+    try:
+      _get(config, dotted)
+    except KeyError:
+      problems.append(f"missing key {dotted!r}")
+  try:
+    if _get(config, "model.user.history_len") < 1:
+      problems.append("model.user.history_len must be >= 1")
+  except (KeyError, TypeError):
+    pass
+  if config.get("data") is not None and config.data.get("source") == "synthetic":
+    from recfusion_jax.data import synthetic  # pylint: disable=import-outside-toplevel
+    try:
+      synthetic.resolve_config(config.data.get("synthetic"))
+    except (TypeError, ValueError) as e:
+      problems.append(f"data.synthetic: {e}")
+  batch = config.get("batch_size")
+  mesh = config.get("mesh")
+  if isinstance(batch, int) and batch >= 1 and mesh is not None and num_devices:
+    data, fsdp = mesh.get("data", -1), mesh.get("fsdp", 1)
+    if not _axis(data) and not _int(1)(fsdp):
+      if num_devices % fsdp:
+        problems.append(f"mesh.fsdp={fsdp} does not divide the {num_devices} devices")
+      elif data != -1 and data * fsdp != num_devices:
+        problems.append(f"mesh {data} x {fsdp} does not match the {num_devices} devices")
+      elif batch % num_devices:
+        problems.append(f"batch_size {batch} does not divide over the {num_devices} devices")
+  if isinstance(batch, int) and batch >= 1 and num_processes and batch % num_processes:
+    problems.append(f"batch_size {batch} does not divide over the {num_processes} processes")
+  if problems:
+    raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _flat_fields(config: Any, prefix: str = "") -> list[str]:
+  out = []
+  for key in config.keys():
+    out.append(prefix + key)
+    if hasattr(config[key], "keys"):
+      out += _flat_fields(config[key], prefix + key + ".")
+  return out
+
+
+def override_error_line(argv: Sequence[str], error: BaseException,
+                        config: Any | None) -> str:
+  """One line for a failed ``--config.<field>=value`` override (see ``parse_flags``)."""
+  overrides = [a.split("=", 1)[0].lstrip("-") for a in argv[1:] if a.startswith(("--config.",
+                                                                                 "-config."))]
+  if config is not None:
+    known = _flat_fields(config)
+    for flag in overrides:
+      field = flag[len("config."):]
+      if field not in known:
+        parent, _, leaf = field.rpartition(".")
+        siblings = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == parent]
+        hint = _closest(leaf, siblings)
+        return f"--{flag}: the config has no field {field!r}{hint}"
+  text = " ".join(str(error).replace("\\n", " ").split()).strip("'\"")
+  return f"flag error: {text}"
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """absl ``flags_parser``: ``flags.FLAGS(argv)``, every flag error reported on one line.
+
+  A ``--config.<field>=...`` override of a field the config lacks names the closest valid
+  field. Exits with status 2 on any flag error.
+  """
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  try:
+    return flags.FLAGS(list(argv))
+  except Exception as e:  # pylint: disable=broad-except
+    # config_flags raises plain AttributeError/KeyError for unknown override fields; absl
+    # wraps the rest in flags.Error. Either way: one line, no traceback.
+    config = _load_config_file_quietly(argv)
+    print(override_error_line(argv, e, config), file=sys.stderr)
+    sys.exit(2)
+
+
+def _load_config_file_quietly(argv: Sequence[str]) -> Any | None:
+  """The config named by ``--config=PATH[:arg]`` without its overrides, or None."""
+  from ml_collections.config_flags import config_flags  # pylint: disable=import-outside-toplevel
+  for k, a in enumerate(argv[1:], 1):
+    spec = None
+    if a.startswith(("--config=", "-config=")):
+      spec = a.split("=", 1)[1]
+    elif a in ("--config", "-config") and k + 1 < len(argv):
+      spec = argv[k + 1]
+    if spec:
+      try:
+        return config_flags.ConfigFileFlagParser("config", lock_config=False).parse(spec)
+      except Exception:  # pylint: disable=broad-except
+        return None   # the file itself does not load: the flag error says why
+  return None
