@@ -13,6 +13,8 @@ Build the data once (see data_prep/movielens.py), then:
   protocol=NAME   warm_ratio | loo | cold_items | cold_users | missing_modality
   seed=N          split seed
   ablation=NAME   separate_towers | mean_fusion | no_contrastive
+  recipe=NAME     paper (default) | dot: the scoring and training recipe (config_lib.apply_recipe,
+                  docs/TUNING.md)
 """
 
 import ml_collections
@@ -25,7 +27,8 @@ MINILM_VOCAB = 30522
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   switches = config_lib.parse_switches(
-      arg, {"size": "base", "protocol": "warm_ratio", "seed": 0, "ablation": ""})
+      arg, {"size": "base", "protocol": "warm_ratio", "seed": 0, "ablation": "",
+            "recipe": "paper"})
   size = switches["size"]
   config = tiny.get_config()
 
@@ -71,5 +74,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cache_refresh_every = 250
   config.log_every = 50
   config.checkpoint_every = 500
+  config_lib.apply_recipe(config, switches["recipe"], config.data.protocol)
   config_lib.apply_ablation(config, switches["ablation"])
   return config

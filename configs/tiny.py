@@ -18,7 +18,10 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   m = ml_collections.ConfigDict()
   m.modalities = ("text", "image", "video")
   m.embed_dim = 32
-  m.fusion = "gated"         # gated | mean | concat
+  m.fusion = "gated"         # gated | residual | mean | concat (models/fusion.py)
+  m.scoring = "cosine"       # cosine: unit vectors + temperature | dot: norms + item bias
+  m.item_bias = False        # a learned per-item (popularity) score term
+  m.history_fusion = "gated"   # history item vectors: gated (by a context) | sum (ID + content)
   m.gate_dim = 16
   m.gate_hidden = 32
   m.temperature = 0.1        # initial value of the learned score temperature
@@ -45,9 +48,14 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   e.video = ml_collections.ConfigDict(dict(
       frames=video_frames, size=image_size, tubelet_frames=2, patch=4, pooling="cls"))
 
-  m.item_id = ml_collections.ConfigDict(dict(use=True, dropout=0.5))
+  m.item_id = ml_collections.ConfigDict(dict(
+      use=True, dropout=0.5,
+      separate_history=False))   # own input embeddings for history items (untied)
   m.user = ml_collections.ConfigDict(dict(
-      use_id=True, history_len=20, depth=1, num_heads=2, dropout=0.0))
+      use_id=True, history_len=20, depth=1, num_heads=2, dropout=0.0,
+      kind="transformer",        # transformer | pool (models/user.py)
+      causal=False,              # next-item: position t sees items <= t (SASRec)
+      history_dropout=0.0))      # hide each history item with this probability in training
   return m
 
 
@@ -63,6 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.synthetic.noise_modality = switches["noise"]
   config.data.num_workers = 0         # Grain worker processes (0 = in-process)
   config.data.history = "earlier"     # earlier | all_others (see recfusion_jax/data/examples.py)
+  config.data.example = "interaction"  # interaction | cloze | next (data/examples.py)
+  config.data.target_share = 0.2      # cloze: share of a user's window hidden as targets
 
   config.model = model_config()
 
@@ -71,6 +81,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.contrastive_weight = 0.1     # lambda; 0 is the no-contrastive ablation
   config.rec_loss = "sampled"         # sampled: in-batch negatives | full: the whole catalogue
   config.logq_weight = 1.0            # strength of the logQ correction of in-batch negatives
+  config.in_batch_weight = 1.0        # weight of the in-batch term next to the catalogue term
+  config.exclude_history = False      # catalogue term: a row's history items are no negatives
   config.cache_refresh_every = 100    # full re-encode of the item cache (steps)
 
   config.optimizer = ml_collections.ConfigDict(dict(

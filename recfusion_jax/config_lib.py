@@ -64,6 +64,41 @@ def apply_ablation(config: ml_collections.ConfigDict, name: str) -> None:
     raise ValueError(f"unknown ablation {name!r}; known: {ABLATIONS}")
 
 
+RECIPES = ("paper", "dot")
+
+
+def apply_recipe(config: ml_collections.ConfigDict, name: str, protocol: str) -> None:
+  """The scoring and training recipe of ``model``/``data`` (docs/TUNING.md measures both).
+
+  paper  unit vectors under a convex gate, a Transformer user over interaction rows: the
+         design as first written; the configs' defaults.
+  dot    what the ladder of docs/TUNING.md kept: dot-product scoring with a per-item bias, the
+         ID outside the gate (``residual``), untied history embeddings summed with projected
+         content, per-user training rows (``cloze`` on random hold-outs; ``next`` with a causal
+         Transformer on next-item protocols), history items excluded from the catalogue
+         negatives, and weight decay doing the regularising that ID dropout did.
+  """
+  if name == "paper":
+    return
+  if name != "dot":
+    raise ValueError(f"unknown recipe {name!r}; known: {RECIPES}")
+  m = config.model
+  m.scoring, m.item_bias, m.fusion, m.history_fusion = "dot", True, "residual", "sum"
+  m.item_id.separate_history, m.item_id.dropout = True, 0.0
+  m.user.use_id = False
+  config.optimizer.weight_decay = 1.0
+  if protocol == "loo":
+    m.user.kind, m.user.causal = "transformer", True
+    config.data.example = "next"
+  else:
+    m.user.kind, m.user.causal = "pool", False
+    # A linear model over the whole (latest 256) history, wide: cheap, and wider helped up
+    # to 512 (1024 overfit).
+    m.embed_dim, m.user.history_len = 512, 256
+    config.data.example, config.data.target_share = "cloze", 0.2
+    config.exclude_history = True
+
+
 def history_for_protocol(protocol: str) -> str:
   """``data.history`` for a protocol: next-item prediction (loo) trains on the items before the
   target; random hold-outs train on all the user's other items, as evaluation sees them."""

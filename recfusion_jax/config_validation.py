@@ -78,6 +78,8 @@ SCHEMA: dict[str, Any] = {
         "synthetic": None,
         "num_workers": _int(0),
         "history": _choice("earlier", "all_others"),
+        "example": _choice("interaction", "cloze", "next"),
+        "target_share": _number(0.0, strict=True, maximum=1.0),
         "dir": _anything, "protocol": _anything, "split_seed": _int(0), "text_len": _int(1),
     },
     "model": None,
@@ -86,6 +88,8 @@ SCHEMA: dict[str, Any] = {
     "contrastive_weight": _number(0.0),
     "rec_loss": _choice("sampled", "full"),
     "logq_weight": _number(),
+    "in_batch_weight": _number(0.0),
+    "exclude_history": _choice(True, False),
     "cache_refresh_every": _int(1),
     "optimizer": {
         "learning_rate": _number(0.0, strict=True),

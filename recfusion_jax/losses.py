@@ -76,6 +76,36 @@ def full_softmax_loss(logits: jax.Array, item_ids: jax.Array, candidates: jax.Ar
   return _masked_mean(jax.nn.logsumexp(masked, axis=1) - positive, valid)
 
 
+def multi_target_softmax_loss(logits: jax.Array, targets: jax.Array, target_mask: jax.Array,
+                              candidates: jax.Array, exclude: jax.Array | None = None,
+                              exclude_mask: jax.Array | None = None) -> jax.Array:
+  """Catalogue softmax cross-entropy of several targets per row (one shared denominator).
+
+  Args:
+    logits: [R, N]; row r = one user (state) against every item.
+    targets: [R, T] item ids; ``target_mask`` [R, T] says which are real. Each real target is
+      one term -log softmax(logits[r, allowed_r])[target] (a multinomial likelihood, as in
+      Mult-VAE); a target is always allowed.
+    candidates: [N] bool, items that may act as negatives (see ``full_softmax_loss``).
+    exclude: optional [R, E] item ids that are not negatives of row r (``exclude_mask`` [R, E]
+      marks the real ones): the user's visible history, which evaluation never ranks either.
+
+  Returns:
+    Mean over the real targets of all rows (0 when there are none).
+  """
+  rows, num_items = logits.shape
+  row_index = jnp.arange(rows)[:, None]
+  allowed = jnp.broadcast_to(candidates[None, :], logits.shape)
+  if exclude is not None:
+    drop = jnp.where(exclude_mask, exclude, num_items)          # padding -> out of range
+    allowed = allowed.at[row_index, drop].set(False, mode="drop")
+  keep = jnp.where(target_mask, targets, num_items)
+  allowed = allowed.at[row_index, keep].set(True, mode="drop")
+  lse = jax.nn.logsumexp(jnp.where(allowed, logits, _MASKED), axis=1)
+  target_logits = jnp.take_along_axis(logits, jnp.where(target_mask, targets, 0), axis=1)
+  return _masked_mean(lse[:, None] - target_logits, target_mask)
+
+
 def info_nce(a: jax.Array, b: jax.Array, valid: jax.Array, item_ids: jax.Array,
              inverse_temperature: jax.Array | float) -> jax.Array:
   """Symmetric InfoNCE between paired unit vectors a[i] <-> b[i].

@@ -75,25 +75,29 @@ def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecF
 
 
 def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive_weight: float,
-                   logq_weight: float = 1.0, full_catalogue: bool = False
+                   logq_weight: float = 1.0, full_catalogue: bool = False,
+                   in_batch_weight: float = 1.0, exclude_history: bool = False
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and everything the step reports (shared by the step and the tests).
 
-  The recommendation loss is a softmax over the global batch's positives, where ``logq_weight``
+  The in-batch term is a softmax over the global batch's positives, where ``logq_weight``
   scales the logQ correction (1 removes the popularity bias of in-batch negatives entirely, 0
-  keeps it); ``full_catalogue`` (config ``rec_loss="full"``) adds a softmax over every trained
-  item of the catalogue.
+  keeps it) and a row's own user's other positives are not its negatives; ``full_catalogue``
+  (config ``rec_loss="full"``) adds a softmax over every trained item of the catalogue, one
+  term per target of the row (several for per-user batches). ``exclude_history`` keeps the
+  items of a row's visible history out of its catalogue negatives (evaluation never ranks
+  them either).
   """
   out = model(batch, full_catalogue=full_catalogue)
   valid = batch["example_mask"]
-  rec = in_batch = losses.sampled_softmax_loss(out["logits"], batch["item_id"],
-                                               logq_weight * batch["log_q"], valid)
+  in_batch = losses.sampled_softmax_loss(out["logits"], batch["item_id"],
+                                         logq_weight * batch["log_q"], valid,
+                                         user_ids=batch["user_id"])
+  rec = in_batch_weight * in_batch
   extra = {}
   if full_catalogue:
-    # The in-batch term still trains the encoder (see RecFusion.__call__); both are reported.
-    full = losses.full_softmax_loss(out["catalogue_logits"], batch["item_id"],
-                                    out["candidates"], valid)
-    rec = full + in_batch
+    full = catalogue_loss(out["catalogue_logits"], batch, out["candidates"], exclude_history)
+    rec = full + rec
     extra = {"full_softmax_loss": full, "in_batch_loss": in_batch}
   contrastive = losses.cross_modal_loss(out["content_emb"], out["presence"], batch["item_id"],
                                         valid, model.contrastive_inverse_temperature)
@@ -105,6 +109,26 @@ def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive
   return total, aux
 
 
+def catalogue_loss(logits: jax.Array, batch: Mapping[str, jax.Array], candidates: jax.Array,
+                   exclude_history: bool) -> jax.Array:
+  """The full-catalogue term for each batch kind: one target per interaction row, the hidden
+  items of a cloze row, or the next item at every position of a causal row."""
+  history, history_mask = batch["history"], batch["history_mask"]
+  if "targets" not in batch:
+    targets, target_mask = batch["item_id"][:, None], batch["example_mask"][:, None]
+  elif logits.ndim == 3:   # causal: position t's user state predicts targets[:, t]
+    b, length, n = logits.shape
+    logits = logits.reshape(b * length, n)
+    targets = batch["targets"].reshape(-1, 1)
+    target_mask = batch["target_mask"].reshape(-1, 1)
+    # Excluding a position's own past would need [B * L, L] lists; next-item rows skip it.
+    exclude_history = False
+  else:
+    targets, target_mask = batch["targets"], batch["target_mask"]
+  exclude = (history, history_mask) if exclude_history else (None, None)
+  return losses.multi_target_softmax_loss(logits, targets, target_mask, candidates, *exclude)
+
+
 def rec_loss_is_full(config: ml_collections.ConfigDict) -> bool:
   kind = config.get("rec_loss", "sampled")
   if kind not in ("sampled", "full"):
@@ -114,11 +138,13 @@ def rec_loss_is_full(config: ml_collections.ConfigDict) -> bool:
 
 def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array], *,
                contrastive_weight: float, schedule, logq_weight: float = 1.0,
-               full_catalogue: bool = False) -> tuple[Any, dict[str, jax.Array]]:
+               full_catalogue: bool = False, in_batch_weight: float = 1.0,
+               exclude_history: bool = False) -> tuple[Any, dict[str, jax.Array]]:
   """One optimisation step on the split (model, optimizer) state; pure, for ``jax.jit``."""
   model, optimizer = nnx.merge(graphdef, state)
   grad_fn = nnx.value_and_grad(compute_losses, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
-  (_, aux), grads = grad_fn(model, batch, contrastive_weight, logq_weight, full_catalogue)
+  (_, aux), grads = grad_fn(model, batch, contrastive_weight, logq_weight, full_catalogue,
+                            in_batch_weight, exclude_history)
   optimizer.update(model, grads)
   model.write_cache(batch["item_id"], aux.pop("content_emb"), aux.pop("presence"),
                     batch["example_mask"], batch["item_has_id"])
@@ -129,11 +155,13 @@ def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array
 
 
 def jit_train_step(graphdef, state_shardings, mesh, *, contrastive_weight: float, schedule,
-                   logq_weight: float = 1.0, full_catalogue: bool = False):
+                   logq_weight: float = 1.0, full_catalogue: bool = False,
+                   in_batch_weight: float = 1.0, exclude_history: bool = False):
   """``train_step`` compiled with explicit shardings; the old state's buffers are donated."""
   step = functools.partial(train_step, graphdef, contrastive_weight=contrastive_weight,
                            schedule=schedule, logq_weight=logq_weight,
-                           full_catalogue=full_catalogue)
+                           full_catalogue=full_catalogue, in_batch_weight=in_batch_weight,
+                           exclude_history=exclude_history)
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -313,7 +341,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   data_iter = pipeline.make_train_iterator(
       dataset, batch_size=local_batch, history_len=config.model.user.history_len,
       seed=config.seed, num_workers=config.data.num_workers, index=index, log_q=log_q,
-      history=config.data.get("history", "earlier"))
+      history=config.data.get("history", "earlier"),
+      example=config.data.get("example", "interaction"),
+      target_share=config.data.get("target_share", 0.2))
 
   model = create_model(config, dataset)
   tx, schedule = make_optimizer(config, config.num_steps)
@@ -340,7 +370,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   step_fn = jit_guarded_train_step(
       graphdef, state_shardings, mesh, nonfinite=watch.mode,
       contrastive_weight=config.contrastive_weight, schedule=schedule,
-      logq_weight=config.get("logq_weight", 1.0), full_catalogue=rec_loss_is_full(config))
+      logq_weight=config.get("logq_weight", 1.0), full_catalogue=rec_loss_is_full(config),
+      in_batch_weight=config.get("in_batch_weight", 1.0),
+      exclude_history=config.get("exclude_history", False))
   refresh_fn = _refresh_cache_fn(graphdef, state_shardings)
   # The log continues at the restored step: rows of the steps after it are written again.
   earlier = writers.truncate_jsonl(workdir, start_step) if jax.process_index() == 0 else (

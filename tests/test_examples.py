@@ -7,7 +7,8 @@ import pytest
 
 from recfusion_jax.data.synthetic import make_synthetic
 from recfusion_jax.data import examples
-from recfusion_jax.data.types import TRAIN_BATCH_SPEC, Catalogue, Interactions, RecDataset
+from recfusion_jax.data.types import (PER_USER_KEYS, TRAIN_BATCH_SPEC, Catalogue, Interactions,
+                                      RecDataset)
 
 HISTORY_LEN = 6
 
@@ -82,11 +83,13 @@ def test_make_train_batch_contract_and_padding(small):
   log_q = examples.item_log_q(small)
   ids = np.array([3, -1, 0, 7])
   batch = examples.make_train_batch(small, index, ids, HISTORY_LEN, log_q, batch_size=6)
-  assert set(batch) == set(TRAIN_BATCH_SPEC)
+  assert set(batch) == set(TRAIN_BATCH_SPEC) - set(PER_USER_KEYS)
   c = small.catalogue
   dims = {"B": 6, "L": HISTORY_LEN, "Lt": c.text_ids.shape[1], "H": c.image.shape[1],
           "W": c.image.shape[2], "T": c.video.shape[1], "M": 3}
   for key, (dtype, shape) in TRAIN_BATCH_SPEC.items():
+    if key in PER_USER_KEYS:
+      continue
     expected = tuple(3 if d == "3" else dims[d] for d in shape.strip("[]").split(", "))
     assert batch[key].dtype == np.dtype(dtype) and batch[key].shape == expected, key
   valid = np.array([True, False, True, True, False, False])
@@ -114,7 +117,7 @@ def test_make_train_batch_omits_absent_modalities(small):
   index = examples.TrainExampleIndex.build(dataset)
   batch = examples.make_train_batch(dataset, index, np.arange(4), HISTORY_LEN,
                                     examples.item_log_q(dataset), 4)
-  assert set(batch) == set(TRAIN_BATCH_SPEC) - {"video"}
+  assert set(batch) == set(TRAIN_BATCH_SPEC) - {"video", *PER_USER_KEYS}
 
 
 def test_make_train_batch_rejects_bad_ids(small):
@@ -240,3 +243,80 @@ def test_train_batch_history_kinds(small):
   assert not earlier["history_mask"][first].any() and others["history_mask"][first].any()
   with pytest.raises(ValueError, match="history"):
     examples.make_train_batch(small, index, ids, HISTORY_LEN, log_q, 8, history="future")
+
+
+def _timeline(train: Interactions, user: int) -> list[int]:
+  """Naive: the user's train items in (time, input) order."""
+  rows = sorted((i for i in range(len(train)) if train.user[i] == user),
+                key=lambda i: (train.timestamp[i], i))
+  return [int(train.item[i]) for i in rows]
+
+
+def _user_batch(small, users, kind, seed=0, batch_size=8, share=0.3):
+  index = examples.TrainExampleIndex.build(small)
+  return examples.make_user_batch(small, index, np.asarray(users), history_len=HISTORY_LEN,
+                                  log_q=examples.item_log_q(small), batch_size=batch_size,
+                                  kind=kind, target_share=share, seed=seed)
+
+
+def test_cloze_user_batch_hides_targets_from_the_history(small):
+  users = np.array([0, 3, 5, 7, 11, -1])
+  batch = _user_batch(small, users, "cloze")
+  interaction = examples.make_train_batch(small, examples.TrainExampleIndex.build(small),
+                                          np.array([0]), HISTORY_LEN,
+                                          examples.item_log_q(small), batch_size=1)
+  assert set(batch) == set(interaction) | set(PER_USER_KEYS)
+  for key, (dtype, _) in TRAIN_BATCH_SPEC.items():
+    if key in batch:
+      assert batch[key].dtype == np.dtype(dtype), key
+  for row, user in enumerate(users):
+    if user < 0:
+      assert not batch["example_mask"][row] and not batch["target_mask"][row].any()
+      continue
+    window = _timeline(small.train, user)[-HISTORY_LEN:]
+    slots = batch["history_mask"][row] | batch["target_mask"][row]
+    # Every window item is either visible history or a target, never both, never neither.
+    assert not (batch["history_mask"][row] & batch["target_mask"][row]).any()
+    assert batch["history"][row][slots].tolist() == window
+    assert batch["targets"][row][batch["target_mask"][row]].tolist() == [
+        i for i, t in zip(batch["history"][row][slots], batch["target_mask"][row][slots]) if t]
+    assert batch["target_mask"][row].any()
+    assert batch["item_id"][row] in batch["targets"][row][batch["target_mask"][row]]
+  # Rows 6, 7 are padding of the partial batch.
+  assert not batch["example_mask"][6:].any()
+  # A pure function of (seed, users): a restored pipeline rebuilds the same batch.
+  again = _user_batch(small, users, "cloze")
+  for key in batch:
+    np.testing.assert_array_equal(batch[key], again[key])
+  other = _user_batch(small, users, "cloze", seed=1)
+  assert not np.array_equal(batch["target_mask"], other["target_mask"])
+
+
+def test_cloze_target_share_is_respected(small):
+  users = np.arange(small.num_users)
+  shares = []
+  for seed in range(40):
+    b = _user_batch(small, users, "cloze", seed=seed, batch_size=small.num_users, share=0.3)
+    shares.append(b["target_mask"].sum() / (b["target_mask"] | b["history_mask"]).sum())
+  # Windows of 6 with >= 1 forced target: expected share a little above 0.3.
+  assert 0.3 < np.mean(shares) < 0.4
+
+
+def test_next_item_user_batch_pairs_each_position_with_its_successor(small):
+  users = np.array([2, 4, 9])
+  batch = _user_batch(small, users, "next")
+  for row, user in enumerate(users):
+    window = _timeline(small.train, user)[-(HISTORY_LEN + 1):]
+    pairs = [(h, t) for h, t, m in zip(batch["history"][row], batch["targets"][row],
+                                       batch["target_mask"][row]) if m]
+    assert pairs == list(zip(window[:-1], window[1:]))
+    assert batch["item_id"][row] == window[-1]
+
+
+def test_user_batch_rejects_bad_arguments(small):
+  with pytest.raises(ValueError, match="cloze"):
+    _user_batch(small, [0], "interaction")
+  with pytest.raises(ValueError, match="target_share"):
+    _user_batch(small, [0], "cloze", share=1.0)
+  with pytest.raises(ValueError, match="user ids"):
+    _user_batch(small, [small.num_users], "cloze")

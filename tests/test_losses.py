@@ -466,3 +466,62 @@ def test_full_softmax_hand_computed():
                                   jnp.asarray([True]))
   expected = -math.log(math.e / (math.e + 1.0 + math.e ** 2))
   np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def _ref_multi_target(logits, targets, target_mask, candidates, exclude, exclude_mask):
+  """Naive: each real target of row r is -log softmax over the row's allowed items, where
+  allowed = candidates, minus the row's excluded items, plus the row's own targets."""
+  logits = np.asarray(logits, np.float64)
+  terms = []
+  for r in range(logits.shape[0]):
+    real = [int(t) for t, m in zip(targets[r], target_mask[r]) if m]
+    dropped = {int(e) for e, m in zip(exclude[r], exclude_mask[r]) if m}
+    cols = [c for c in range(logits.shape[1])
+            if (candidates[c] and c not in dropped) or c in real]
+    top = max(logits[r, c] for c in cols) if cols else 0.0
+    lse = top + math.log(sum(math.exp(logits[r, c] - top) for c in cols)) if cols else 0.0
+    terms += [lse - logits[r, t] for t in real]
+  return sum(terms) / max(len(terms), 1)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multi_target_softmax_matches_reference(seed):
+  rng = np.random.default_rng(seed)
+  rows, n, t, e = 5, 13, 4, 3
+  logits = rng.normal(size=(rows, n)) * 3
+  targets = rng.integers(0, n, (rows, t))
+  target_mask = rng.random((rows, t)) < 0.6
+  target_mask[-1] = False                      # a row without targets contributes nothing
+  candidates = rng.random(n) < 0.7
+  exclude = rng.integers(0, n, (rows, e))
+  exclude[0, 0] = targets[0, 0]                # a target that is also excluded stays scored
+  target_mask[0, 0] = True
+  exclude_mask = rng.random((rows, e)) < 0.7
+  exclude_mask[0, 0] = True
+  args = [jnp.asarray(x) for x in (targets, target_mask, candidates, exclude, exclude_mask)]
+  fn = lambda x: losses.multi_target_softmax_loss(x, *args)
+  want = _ref_multi_target(logits, targets, target_mask, candidates, exclude, exclude_mask)
+  loss, grad = jax.value_and_grad(fn)(jnp.asarray(logits, jnp.float32))
+  np.testing.assert_allclose(loss, want, rtol=_RTOL, atol=_ATOL)
+  # The gradient matches the naive loss's, by central differences in float64.
+  flat = logits.reshape(-1)
+  for k in rng.choice(flat.size, 8, replace=False):
+    step = np.zeros_like(flat)
+    step[k] = 1e-5
+    num = (_ref_multi_target((flat + step).reshape(logits.shape), targets, target_mask,
+                             candidates, exclude, exclude_mask)
+           - _ref_multi_target((flat - step).reshape(logits.shape), targets, target_mask,
+                               candidates, exclude, exclude_mask)) / 2e-5
+    np.testing.assert_allclose(np.asarray(grad).reshape(-1)[k], num, atol=1e-4)
+  assert not np.asarray(grad)[-1].any()
+
+
+def test_multi_target_softmax_one_target_is_the_full_softmax():
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(4, 9)), jnp.float32)
+  item_ids = jnp.asarray([1, 5, 5, 8])
+  candidates = jnp.asarray(rng.random(9) < 0.5)
+  valid = jnp.asarray([True, True, False, True])
+  np.testing.assert_allclose(
+      losses.multi_target_softmax_loss(logits, item_ids[:, None], valid[:, None], candidates),
+      losses.full_softmax_loss(logits, item_ids, candidates, valid), rtol=1e-6)

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from recfusion_jax.data.synthetic import make_synthetic
 from recfusion_jax.data import examples, pipeline
-from recfusion_jax.data.types import TRAIN_BATCH_SPEC
+from recfusion_jax.data.types import PER_USER_KEYS, TRAIN_BATCH_SPEC
 
 HISTORY_LEN = 5
 BATCH = 16
@@ -36,7 +36,8 @@ def _take(iterator, n):
 def _assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
-    assert set(x) == set(y) == set(TRAIN_BATCH_SPEC)
+    assert set(x) == set(y)
+    assert set(x) - set(PER_USER_KEYS) == set(TRAIN_BATCH_SPEC) - set(PER_USER_KEYS)
     for key in x:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
@@ -51,6 +52,8 @@ def test_batches_follow_contract_and_gather(small):
     expected = examples.make_train_batch(small, index, ids[i], HISTORY_LEN, log_q, BATCH)
     _assert_batches_equal([batch], [expected])
     for key, (dtype, _) in TRAIN_BATCH_SPEC.items():
+      if key in PER_USER_KEYS:
+        continue
       assert batch[key].dtype == np.dtype(dtype) and batch[key].shape[0] == BATCH
 
 
@@ -63,6 +66,21 @@ def test_checkpoint_restore_resumes_exactly(small, skip):
   fresh = _iterator(small)
   fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 4), expected)
+
+
+@pytest.mark.parametrize("example", ["cloze", "next"])
+def test_user_batches_visit_every_user_and_resume_exactly(small, example):
+  iterator = _iterator(small, example=example, target_share=0.3)
+  users = examples.trained_users(examples.TrainExampleIndex.build(small))
+  epoch = -(-len(users) // BATCH)
+  seen = np.concatenate([b["user_id"][b["example_mask"]] for b in _take(iterator, epoch)])
+  # Batches run on across epoch boundaries: the first len(users) rows are one epoch.
+  np.testing.assert_array_equal(np.sort(seen[:len(users)]), users)
+  state = json.loads(json.dumps(iterator.get_state()))
+  expected = _take(iterator, 3)
+  fresh = _iterator(small, example=example, target_share=0.3)
+  fresh.set_state(state)
+  _assert_batches_equal(_take(fresh, 3), expected)
 
 
 def test_orbax_checkpoint_roundtrip(small, tmp_path):

@@ -54,6 +54,15 @@ def _set_modalities(*modalities: str) -> Callable[[ml_collections.ConfigDict], N
   return apply
 
 
+def _id_only(config: ml_collections.ConfigDict) -> None:
+  # RecFusion's user model and scoring with the ID source alone: the rung that shows whether
+  # content adds anything (docs/TUNING.md), and a check on the user model against the ID
+  # baselines. Nothing to align across modalities, nothing to gate.
+  config.model.modalities = ()
+  config.contrastive_weight = 0.0
+  config.model.item_id.dropout = 0.0
+
+
 def _concat(config: ml_collections.ConfigDict) -> None:
   # VBPR-style: the item ID embedding plus the concatenated content embeddings.
   config.model.fusion = "concat"
@@ -68,6 +77,7 @@ def _clip_two_tower(config: ml_collections.ConfigDict) -> None:
 
 # Content models: changes applied to the suite's RecFusion config.
 CONTENT_MODELS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "id_only": _id_only,
     "text_only": _set_modalities("text"),
     "image_only": _set_modalities("image"),
     "concat": _concat,
@@ -99,6 +109,8 @@ def applies(model: str, protocol: str) -> bool:
   """Whether ``model`` runs on ``protocol``."""
   if model in BASELINES:
     return protocol in BASELINES[model].protocols
+  if model == "id_only":   # no content: nothing to score a cold item or a modality with
+    return protocol in ("warm_ratio", "loo", "cold_users")
   if protocol == "retrieval":
     return model not in ("text_only", "image_only")
   return True

@@ -33,6 +33,10 @@ PAD_ITEM = -1
 
 HISTORY_KINDS = ("earlier", "all_others")
 
+# Training examples: one interaction per row (with a history of ``HISTORY_KINDS``), or one
+# user per row with several targets (``make_user_batch``).
+EXAMPLE_KINDS = ("interaction", "cloze", "next")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainExampleIndex:
@@ -216,6 +220,107 @@ class TrainBatchFn:
   def __call__(self, example_ids: np.ndarray) -> dict[str, np.ndarray]:
     return make_train_batch(self.dataset, self.index, example_ids, self.history_len,
                             self.log_q, self.batch_size, self.history)
+
+
+def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.ndarray, *,
+                    history_len: int, log_q: np.ndarray, batch_size: int, kind: str,
+                    target_share: float, seed: int) -> dict[str, np.ndarray]:
+  """A batch of whole users, each with several targets (TRAIN_BATCH_SPEC keys).
+
+  One forward pass of the user model serves every target of its row, where an interaction
+  batch spends one pass per target; that is the cheaper way to many epochs.
+
+  kind "cloze" (random hold-outs, e.g. warm_ratio): the window is the user's latest
+    ``history_len`` train items; each is hidden from the history and made a target with
+    probability ``target_share`` (at least one per user), mirroring evaluation, which ranks
+    items held out at random from the user's timeline given the rest.
+  kind "next" (next-item protocols, e.g. loo): the window is the user's latest
+    ``history_len + 1`` items in time order; history slot t holds item t and its target is
+    item t + 1, so a causal user model learns every transition of the window at once.
+
+  ``item_id`` (whose content the encoder trains on, with the in-batch and contrastive terms)
+  is one of the row's targets: a random one (cloze) or the latest (next). ``users`` holds
+  user ids or -1 (padding rows). The random choices are a pure function of ``seed`` and the
+  batch's users, so a restored input pipeline reproduces them.
+  """
+  if kind not in ("cloze", "next"):
+    raise ValueError(f"user batches are 'cloze' or 'next', got {kind!r}")
+  if not 0.0 < target_share < 1.0:
+    raise ValueError(f"target_share must be in (0, 1), got {target_share}")
+  users = np.asarray(users)
+  if users.ndim != 1 or users.size > batch_size:
+    raise ValueError(f"users must be 1-D with at most {batch_size} entries, got {users.shape}")
+  valid = np.zeros(batch_size, dtype=bool)
+  valid[:users.size] = users >= 0
+  ids = np.zeros(batch_size, dtype=np.int64)
+  ids[:users.size] = np.maximum(users, 0)
+  if ids.max(initial=0) >= dataset.num_users:
+    raise ValueError(f"user ids must be < {dataset.num_users}")
+  rng = np.random.default_rng([seed, *np.frombuffer(
+      np.ascontiguousarray(np.where(valid, ids, -1)).tobytes(), np.uint32).tolist()])
+  if kind == "cloze":
+    window, in_window = index.user_history(ids, history_len)
+    in_window &= valid[:, None]
+    hidden = (rng.random(window.shape) < target_share) & in_window
+    # Rows with items but no target get one: every user contributes a target each epoch.
+    none = ~hidden.any(1) & in_window.any(1)
+    if none.any():
+      scores = np.where(in_window[none], rng.random(in_window[none].shape), -1.0)
+      hidden[np.flatnonzero(none), np.argmax(scores, 1)] = True
+    # A user with a single item has nothing left to read: the learned default user, plus the
+    # user's ID embedding, then stands for the history (as for a cold user at evaluation).
+    history, history_mask = window, in_window & ~hidden
+    targets, target_mask = window, hidden
+    pick = np.argmax(np.where(hidden, rng.random(hidden.shape), -1.0), axis=1)
+    item = window[np.arange(batch_size), pick]
+  else:
+    window, in_window = index.user_history(ids, history_len + 1)
+    in_window &= valid[:, None]
+    history, history_mask = window[:, :-1], in_window[:, :-1]
+    targets = window[:, 1:]
+    target_mask = in_window[:, 1:] & in_window[:, :-1]   # a transition needs both ends
+    item = window[:, -1]
+  has_target = target_mask.any(1)
+  valid &= has_target
+  batch = {
+      "user_id": ids,
+      "user_has_id": dataset.user_has_id[ids],
+      "history": history,
+      "history_mask": history_mask & valid[:, None],
+      "item_id": item,
+      "log_q": log_q[item],
+      "targets": targets,
+      "target_mask": target_mask & valid[:, None],
+      "example_mask": valid,
+  }
+  batch.update(dataset.catalogue.content(item))
+  if not valid.all():
+    for key, value in batch.items():
+      if key != "example_mask":
+        value[~valid] = 0
+  return {key: batch[key].astype(TRAIN_BATCH_SPEC[key][0], copy=False)
+          for key in TRAIN_BATCH_SPEC if key in batch}
+
+
+class UserBatchFn:
+  """Picklable ``user ids -> batch`` callable for Grain (see ``make_user_batch``)."""
+
+  def __init__(self, dataset: RecDataset, index: TrainExampleIndex, users: np.ndarray, *,
+               history_len: int, log_q: np.ndarray, batch_size: int, kind: str,
+               target_share: float, seed: int):
+    self.dataset, self.index, self.users = dataset, index, users
+    self.kwargs = dict(history_len=history_len, log_q=log_q, batch_size=batch_size, kind=kind,
+                       target_share=target_share, seed=seed)
+
+  def __call__(self, positions: np.ndarray) -> dict[str, np.ndarray]:
+    positions = np.asarray(positions)
+    users = np.where(positions >= 0, self.users[np.maximum(positions, 0)], -1)
+    return make_user_batch(self.dataset, self.index, users, **self.kwargs)
+
+
+def trained_users(index: TrainExampleIndex) -> np.ndarray:
+  """Users with at least one train item (the rows a per-user epoch visits), ascending."""
+  return np.flatnonzero(index.user_end > index.user_start).astype(np.int64)
 
 
 def user_eval_inputs(dataset: RecDataset, users: np.ndarray, history_len: int,

@@ -33,7 +33,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from recfusion_jax.data.examples import TrainBatchFn, TrainExampleIndex, item_log_q
+from recfusion_jax.data.examples import (EXAMPLE_KINDS, TrainBatchFn, TrainExampleIndex,
+                                         UserBatchFn, item_log_q, trained_users)
 from recfusion_jax.data.types import RecDataset
 from recfusion_jax.sharding import DATA_AXES
 
@@ -140,17 +141,29 @@ def make_train_dataset(dataset: RecDataset, *, batch_size: int, history_len: int
                        process_count: int | None = None,
                        index: TrainExampleIndex | None = None,
                        log_q: np.ndarray | None = None,
-                       history: str = "earlier") -> grain.MapDataset:
+                       history: str = "earlier", example: str = "interaction",
+                       target_share: float = 0.2) -> grain.MapDataset:
   """A MapDataset of this process's training batches (dicts with TRAIN_BATCH_SPEC keys).
 
   ``batch_size`` is the per-process batch size. ``index``/``log_q`` default to being built
-  from ``dataset``.
+  from ``dataset``. ``example`` is one of ``examples.EXAMPLE_KINDS``: one train interaction per
+  row (an epoch visits every interaction), or one user per row with several targets (an epoch
+  visits every user; see ``examples.make_user_batch``).
   """
   index = TrainExampleIndex.build(dataset) if index is None else index
   log_q = item_log_q(dataset) if log_q is None else log_q
-  ids = example_id_batches(index.num_examples, batch_size, seed=seed, num_epochs=num_epochs,
+  if example == "interaction":
+    ids = example_id_batches(index.num_examples, batch_size, seed=seed, num_epochs=num_epochs,
+                             process_index=process_index, process_count=process_count)
+    return ids.map(TrainBatchFn(dataset, index, history_len, log_q, batch_size, history))
+  if example not in EXAMPLE_KINDS:
+    raise ValueError(f"data.example={example!r}; choose from {EXAMPLE_KINDS}")
+  users = trained_users(index)
+  ids = example_id_batches(users.size, batch_size, seed=seed, num_epochs=num_epochs,
                            process_index=process_index, process_count=process_count)
-  return ids.map(TrainBatchFn(dataset, index, history_len, log_q, batch_size, history))
+  return ids.map(UserBatchFn(dataset, index, users, history_len=history_len, log_q=log_q,
+                             batch_size=batch_size, kind=example, target_share=target_share,
+                             seed=seed))
 
 
 def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: int, seed: int,
@@ -160,7 +173,8 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
                         process_count: int | None = None,
                         index: TrainExampleIndex | None = None,
                         log_q: np.ndarray | None = None,
-                        history: str = "earlier") -> grain.DatasetIterator:
+                        history: str = "earlier", example: str = "interaction",
+                        target_share: float = 0.2) -> grain.DatasetIterator:
   """A checkpointable iterator of this process's training batches.
 
   ``num_workers`` > 0 builds batches in that many spawned processes (``mp_prefetch``);
@@ -171,7 +185,7 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
   ds = make_train_dataset(dataset, batch_size=batch_size, history_len=history_len, seed=seed,
                           num_epochs=num_epochs, process_index=process_index,
                           process_count=process_count, index=index, log_q=log_q,
-                          history=history)
+                          history=history, example=example, target_share=target_share)
   # Small buffers: a batch with video is ~1 MB at default sizes, the default 500 is too many.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=read_buffer_size))

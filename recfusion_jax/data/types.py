@@ -45,7 +45,12 @@ TRAIN_BATCH_SPEC: dict[str, tuple[str, str]] = {
     "video_features": ("float32", "[B, Fv]"),
     "presence": ("bool", "[B, M]"),          # which modalities the positive item has
     "example_mask": ("bool", "[B]"),         # False on padding rows of a partial batch
+    # Per-user examples only (``examples.make_user_batch``): several targets per row.
+    "targets": ("int32", "[B, L]"),          # cloze: the hidden history items; next: item t + 1
+    "target_mask": ("bool", "[B, L]"),
 }
+# The keys only per-user batches carry; an interaction batch has every other key.
+PER_USER_KEYS = ("targets", "target_mask")
 
 
 @dataclasses.dataclass

@@ -59,6 +59,7 @@ class ContentEncoder(nnx.Module):
       raise ValueError(f"unknown modalities {sorted(unknown)}; known: {MODALITIES}")
     self.modalities = tuple(m for m in MODALITIES if m in modalities)
     self.unified = bool(cfg.unified)
+    self.embed_dim = embed_dim
     width, common = cfg.width, dict(ln_eps=cfg.ln_eps, dropout=cfg.dropout, rngs=rngs)
     self.pooling = {m: cfg[m].pooling for m in self.modalities}
     self.causal = {m: bool(cfg[m].get("causal", False)) for m in self.modalities}
@@ -142,6 +143,9 @@ class ContentEncoder(nnx.Module):
                if self.content_key(m) not in content]
     if missing:
       raise KeyError(f"batch has no content for modalities {missing} that the model encodes")
+    if not self.modalities:  # an ID-only model: no content sources
+      b = content["presence"].shape[0]
+      return jnp.zeros((b, 0, self.embed_dim)), jnp.zeros((b, 0), bool)
     presence = jnp.stack(
         [content["presence"][:, MODALITIES.index(m)] for m in self.modalities], axis=1)
     embeddings = jnp.stack(

@@ -14,8 +14,18 @@ Why this form: the gate is conditioned on the user, yet scoring U users against 
 batched matmuls (U x I x S x (d + h) flops) with per-item tables computed once -- full-catalogue
 ranking never runs an MLP per (user, item) pair.
 
+``residual`` keeps the ID source outside the convex gate: w_id = 1 when the item has an ID, and
+the gate's softmax runs over the present *content* sources only, so
+
+    score(u, i) = <u, e_{i,id}> + sum_{m in content} w_m(u, i) <u, e_{i,m}>  (+ b_i),
+
+a strong collaborative signal plus a user-weighted content correction, instead of a convex
+mixture in which ID and content compete for one unit of weight. A cold item (no ID) is scored
+from its gated content alone.
+
 ``mean`` (uniform weights over present sources) and ``concat`` (one projected vector per item,
-user independent) are the ablations; all three share this interface.
+user independent) are the ablations; all share this interface. A table may carry
+``score_bias`` [I] (a per-item popularity term), added to every user's score of the item.
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ from flax import nnx
 
 from recfusion_jax.models.encoder import l2_normalize
 
-FUSIONS = ("gated", "mean", "concat")
+FUSIONS = ("gated", "mean", "concat", "residual")
+GATED = ("gated", "residual")   # kinds with a learned, user-conditioned gate
 
 
 def masked_softmax(logits: jax.Array, present: jax.Array) -> jax.Array:
@@ -42,12 +53,14 @@ class Fusion(nnx.Module):
   """One of FUSIONS over ``num_sources`` unit-vector sources of width ``embed_dim``."""
 
   def __init__(self, kind: str, num_sources: int, embed_dim: int, gate_dim: int, gate_hidden: int,
-               *, rngs: nnx.Rngs):
+               *, rngs: nnx.Rngs, has_id_source: bool = False):
     if kind not in FUSIONS:
       raise ValueError(f"fusion={kind!r}; choose from {FUSIONS}")
+    if kind == "residual" and not has_id_source:
+      raise ValueError("fusion='residual' adds content to the ID source: needs item_id.use")
     self.kind = kind
     self.gate_dim = gate_dim
-    if kind == "gated":
+    if kind in GATED:
       small = nnx.initializers.normal(0.02)
       self.source_embeddings = nnx.Param(small(rngs.params(), (num_sources, embed_dim)))
       self.gate_hidden = nnx.Linear(embed_dim, gate_hidden, rngs=rngs)
@@ -68,14 +81,14 @@ class Fusion(nnx.Module):
       return {"emb": fused * jnp.any(present, -1)[..., None, None],
               "present": jnp.any(present, axis=-1, keepdims=True)}
     table = {"emb": emb, "present": present}
-    if self.kind == "gated":
+    if self.kind in GATED:
       hidden = jax.nn.gelu(self.gate_hidden(emb + self.source_embeddings[...]))
       table["bias"] = self.gate_out(hidden)[..., 0]
       table["key"] = self.key(emb) + self.key_source[...]
     return table
 
   def user_query(self, user: jax.Array) -> jax.Array | None:
-    return self.query(user) if self.kind == "gated" else None
+    return self.query(user) if self.kind in GATED else None
 
   def pair_weights(self, query: jax.Array | None, table: dict[str, jax.Array]) -> jax.Array:
     """Weights [U, I, S'] of every user (query [U, h]) for every item (table with leading I)."""
@@ -84,13 +97,13 @@ class Fusion(nnx.Module):
   def row_weights(self, query: jax.Array | None, table: dict[str, jax.Array]) -> jax.Array:
     """Weights [B, ..., S'] when row b of the table belongs to user b (query [B, h])."""
     present = table["present"]
-    if self.kind != "gated":
+    if self.kind not in GATED:
       return masked_softmax(jnp.zeros(present.shape), present)
     extra = (None,) * (present.ndim - 2)
     q = query[(slice(None),) + extra]  # broadcast over any middle axes (history positions)
     logits = table["bias"] + jnp.einsum("b...h,b...sh->b...s", q, table["key"]) / jnp.sqrt(
         float(self.gate_dim))
-    return masked_softmax(logits, present)
+    return _gate(logits, present, self.kind)
 
   def scores(self, user: jax.Array, query: jax.Array | None,
              table: dict[str, jax.Array]) -> jax.Array:
@@ -103,11 +116,23 @@ def pair_weights(query: jax.Array | None, table: dict[str, jax.Array], *, kind: 
                  gate_dim: int) -> jax.Array:
   """Fusion weights [U, I, S'] of every user for every item of a precomputed table."""
   present = table["present"][None]
-  if kind != "gated":
+  if kind not in GATED:
     return masked_softmax(jnp.zeros(present.shape), present)
   logits = table["bias"][None] + jnp.einsum("uh,ish->uis", query, table["key"]) / jnp.sqrt(
       float(gate_dim))
-  return masked_softmax(logits, present)
+  return _gate(logits, present, kind)
+
+
+def _gate(logits: jax.Array, present: jax.Array, kind: str) -> jax.Array:
+  """Gate weights over the last (source) axis; ``residual``: the last source is the ID, kept at
+  weight 1 where present, and the softmax covers the content sources."""
+  if kind != "residual":
+    return masked_softmax(logits, present)
+  id_weight = jnp.broadcast_to(present[..., -1:], logits.shape[:-1] + (1,)).astype(logits.dtype)
+  if logits.shape[-1] == 1:   # an ID-only model: nothing to gate
+    return id_weight
+  content = masked_softmax(logits[..., :-1], present[..., :-1])
+  return jnp.concatenate([content, id_weight], axis=-1)
 
 
 def fused_scores(users: dict[str, jax.Array], table: dict[str, jax.Array], *, kind: str,
@@ -117,5 +142,8 @@ def fused_scores(users: dict[str, jax.Array], table: dict[str, jax.Array], *, ki
   A pure function of precomputed tables, so the evaluator can block, shard and jit it freely.
   """
   weights = pair_weights(users.get("query"), table, kind=kind, gate_dim=gate_dim)
-  cosines = jnp.einsum("ud,isd->uis", users["emb"], table["emb"])
-  return jnp.sum(weights * cosines, axis=-1)
+  products = jnp.einsum("ud,isd->uis", users["emb"], table["emb"])
+  scores = jnp.sum(weights * products, axis=-1)
+  if "score_bias" in table:
+    scores = scores + table["score_bias"][None, :]
+  return scores

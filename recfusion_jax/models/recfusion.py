@@ -1,16 +1,25 @@
 """RecFusion: content encoder + gated fusion + user model, and the item embedding cache.
 
-Data flow of one training step (B examples, each a user with history and one positive item):
+Data flow of one training step (B rows; a row is one interaction, or one user with several
+targets, see ``data.examples``):
 
-  positive items' content --ContentEncoder--> e_{i,m} (with gradient) --+--> item table
-  history item ids --cache lookup--> e_{h,m} (no gradient) --fusion--> history vectors
-  user id + history vectors --UserEncoder--> u --> scores [B, B] over the global batch
+  the rows' positive items' content --ContentEncoder--> e_{i,m} (with gradient)
+  history item ids --cache lookup--> e_{h,m} (no gradient) + ID input embeddings --> h_j
+  user id + history vectors --UserEncoder--> u
+  scores: u against the batch's items (in-batch softmax, trains the encoder) and against the
+  whole catalogue (full softmax over cached, stop-gradient content + the ID table)
 
-Efficiency: the content encoder runs once per positive item per step. History items are never
+Efficiency: the content encoder runs once per row per step. History items are never
 re-encoded; their per-modality embeddings come from ``item_cache``, a non-trainable table that
 every step overwrites with the fresh (stop-gradient) encodings of its positives and that the
-train loop re-encodes in full every ``cache_refresh_every`` steps. History items so cost one
-gather each, and the encoder is trained by the positives' side of the loss.
+train loop re-encodes in full every ``cache_refresh_every`` steps.
+
+Scoring (``model.scoring``):
+  cosine  unit user, unit sources, a learned (clipped) temperature: the paper's form.
+  dot     unnormalised user and ID vectors, unit content vectors times a learned per-modality
+          scale, and (``model.item_bias``) a learned per-item bias: the magnitude and
+          popularity channels a softmax recommender needs, and that unit vectors under a
+          convex gate do not have (docs/TUNING.md measures the difference).
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ from recfusion_jax.data.types import MODALITIES
 from recfusion_jax.models.encoder import ContentEncoder, l2_normalize
 from recfusion_jax.models.fusion import Fusion
 from recfusion_jax.models.user import UserEncoder
+
+SCORINGS = ("cosine", "dot")
+HISTORY_FUSIONS = ("gated", "sum")
 
 
 class ItemCache(nnx.Variable):
@@ -43,23 +55,45 @@ class RecFusion(nnx.Module):
     d = cfg.embed_dim
     self.embed_dim = d
     self.num_items = num_items
+    self.scoring = cfg.get("scoring", "cosine")
+    if self.scoring not in SCORINGS:
+      raise ValueError(f"model.scoring={self.scoring!r}; choose from {SCORINGS}")
+    self.history_fusion = cfg.get("history_fusion", "gated")
+    if self.history_fusion not in HISTORY_FUSIONS:
+      raise ValueError(f"model.history_fusion={self.history_fusion!r}; choose from "
+                       f"{HISTORY_FUSIONS}")
+    normalize = self.scoring == "cosine"
     self.encoder = ContentEncoder(cfg.encoder, tuple(cfg.modalities), d, rngs=rngs)
     self.modalities = self.encoder.modalities
     self.use_item_id = bool(cfg.item_id.use)
     self.sources = self.modalities + (("id",) if self.use_item_id else ())
+    small = nnx.initializers.normal(0.02)
     self.item_embeddings = (
-        nnx.Embed(num_items, d, embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
-        if self.use_item_id else None)
+        nnx.Embed(num_items, d, embedding_init=small, rngs=rngs) if self.use_item_id else None)
+    # Separate input embeddings for history items (SASRec ties them; on random hold-outs an
+    # untied pair, as in a linear autoencoder, generalises better).
+    self.history_embeddings = (
+        nnx.Embed(num_items, d, embedding_init=small, rngs=rngs)
+        if self.use_item_id and cfg.item_id.get("separate_history", False) else None)
+    self.item_bias = (nnx.Param(jnp.zeros((num_items,), jnp.float32))
+                      if cfg.get("item_bias", False) else None)
+    self.content_scale = (nnx.Param(jnp.ones((len(self.modalities),), jnp.float32))
+                          if self.scoring == "dot" and self.modalities else None)
     # ID dropout (as in DropoutNet): hiding the ID source for a share of training positives
     # teaches the gate and the user model to score from content alone -- what cold items need.
     self.id_dropout = nnx.Dropout(cfg.item_id.dropout, rngs=rngs)
     self.fusion = Fusion(cfg.fusion, len(self.sources), d, cfg.gate_dim, cfg.gate_hidden,
-                         rngs=rngs)
+                         rngs=rngs, has_id_source=self.use_item_id)
+    u = cfg.user
     self.user_encoder = UserEncoder(
-        num_users=num_users, embed_dim=d, history_len=cfg.user.history_len,
-        depth=cfg.user.depth, num_heads=cfg.user.num_heads, use_id=cfg.user.use_id,
-        dropout=cfg.user.dropout, rngs=rngs)
-    self.history_context = nnx.Linear(2 * d, d, rngs=rngs)
+        num_users=num_users, embed_dim=d, history_len=u.history_len, depth=u.depth,
+        num_heads=u.num_heads, use_id=u.use_id, dropout=u.dropout, rngs=rngs,
+        kind=u.get("kind", "transformer"), causal=u.get("causal", False), normalize=normalize,
+        history_dropout=u.get("history_dropout", 0.0))
+    if self.history_fusion == "gated":
+      self.history_context = nnx.Linear(2 * d, d, rngs=rngs)
+    elif self.modalities:
+      self.history_content = nnx.Linear(d, d, rngs=rngs)
     self.log_temperature = nnx.Param(jnp.log(jnp.asarray(cfg.temperature, jnp.float32)))
     self.contrastive_log_temperature = nnx.Param(
         jnp.log(jnp.asarray(cfg.contrastive_temperature, jnp.float32)))
@@ -77,41 +111,68 @@ class RecFusion(nnx.Module):
 
   def item_sources(self, item_id: jax.Array, has_id: jax.Array, content_emb: jax.Array,
                    presence: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Adds the ID source (when enabled): emb [..., S, d], present [..., S]."""
+    """The fusion sources: emb [..., S, d], present [..., S] (content, then the ID if used)."""
+    if self.content_scale is not None:
+      content_emb = content_emb * self.content_scale[...][:, None]
     if not self.use_item_id:
       return content_emb, presence
-    id_emb = l2_normalize(self.item_embeddings(item_id))
+    id_emb = self.item_embeddings(item_id)
+    if self.scoring == "cosine":
+      id_emb = l2_normalize(id_emb)
     emb = jnp.concatenate([content_emb, id_emb[..., None, :]], axis=-2)
     return emb, jnp.concatenate([presence, has_id[..., None]], axis=-1)
 
   def item_table(self, item_id: jax.Array, has_id: jax.Array, content_emb: jax.Array,
                  presence: jax.Array) -> dict[str, jax.Array]:
-    return self.fusion.item_table(*self.item_sources(item_id, has_id, content_emb, presence))
+    table = self.fusion.item_table(*self.item_sources(item_id, has_id, content_emb, presence))
+    if self.item_bias is not None:
+      # Popularity is an ID-side fact: an item without a trained ID (cold) gets no bias.
+      table["score_bias"] = self.item_bias[...][item_id] * has_id.astype(jnp.float32)
+    return table
 
   # ---- users -------------------------------------------------------------------------------
 
-  def encode_users(self, user_id: jax.Array, user_has_id: jax.Array, history: jax.Array,
-                   history_mask: jax.Array) -> dict[str, jax.Array]:
-    """User vectors [B, d] and gate queries; history items are read from the item cache."""
-    id_emb = self.user_encoder.id_embedding(user_id, user_has_id)
+  def history_vectors(self, id_emb: jax.Array, history: jax.Array,
+                      history_mask: jax.Array) -> jax.Array:
+    """[B, L, d] input vectors of the history items (content read from the item cache)."""
     hist_content = jax.lax.stop_gradient(self.cache_embeddings[...][history])  # [B, L, M, d]
     hist_present = self.cache_presence[...][history] & history_mask[..., None]
+    if self.history_fusion == "sum":
+      # The ID input embedding plus a projection of the mean present content.
+      count = jnp.maximum(jnp.sum(hist_present, axis=-1, keepdims=True), 1)
+      vectors = jnp.zeros(history.shape + (self.embed_dim,))
+      if self.modalities:
+        mean = jnp.sum(hist_content * hist_present[..., None], axis=2) / count
+        vectors = self.history_content(mean) * jnp.any(hist_present, -1, keepdims=True)
+      if self.use_item_id:
+        table = (self.history_embeddings if self.history_embeddings is not None
+                 else self.item_embeddings)
+        vectors = vectors + table(history) * self.cache_has_id[...][history][..., None]
+      return vectors * history_mask[..., None]
     hist_table = self.item_table(history, history_mask, hist_content, hist_present)
     # The gate needs a user before the user exists: fuse history items with a context made of
-    # the ID embedding and the plain mean of the history's content.
-    weights_hist = history_mask[..., None].astype(jnp.float32)
-    content_mean = jnp.sum(jnp.sum(hist_content, axis=2) * weights_hist, axis=1) / jnp.maximum(
-        jnp.sum(weights_hist, axis=1) * len(self.modalities), 1.0)
+    # the ID embedding and the mean of the history's present content.
+    weights_hist = hist_present.astype(jnp.float32)[..., None]
+    content_mean = jnp.sum(hist_content * weights_hist, axis=(1, 2)) / jnp.maximum(
+        jnp.sum(weights_hist, axis=(1, 2)), 1.0)
     context = l2_normalize(self.history_context(jnp.concatenate([id_emb, content_mean], -1)))
     weights = self.fusion.row_weights(self.fusion.user_query(context), hist_table)
-    hist_vectors = jnp.sum(weights[..., None] * hist_table["emb"], axis=-2)  # [B, L, d]
-    user = self.user_encoder(id_emb, hist_vectors, history_mask)
+    return jnp.sum(weights[..., None] * hist_table["emb"], axis=-2)
+
+  def encode_users(self, user_id: jax.Array, user_has_id: jax.Array, history: jax.Array,
+                   history_mask: jax.Array, per_position: bool = False) -> dict[str, jax.Array]:
+    """User vectors [B, d] ([B, L, d] with ``per_position``) and their gate queries."""
+    id_emb = self.user_encoder.id_embedding(user_id, user_has_id)
+    hist_vectors = self.history_vectors(id_emb, history, history_mask)
+    user = self.user_encoder(id_emb, hist_vectors, history_mask, per_position=per_position)
     return {"emb": user, "query": self.fusion.user_query(user)}
 
   # ---- scores ------------------------------------------------------------------------------
 
   @property
   def inverse_temperature(self) -> jax.Array:
+    if self.scoring == "dot":
+      return jnp.ones(())   # the vectors' norms carry the scale
     return _clipped_inverse_temperature(self.log_temperature[...])
 
   @property
@@ -122,42 +183,70 @@ class RecFusion(nnx.Module):
     """Logits [U, I] of every user against every item of ``table``."""
     return self.fusion.scores(users["emb"], users.get("query"), table) * self.inverse_temperature
 
+  def catalogue_table(self, item_id: jax.Array, content_emb: jax.Array, presence: jax.Array,
+                      has_id: jax.Array, valid: jax.Array, *, hide_ids: bool = False
+                      ) -> tuple[dict[str, jax.Array], jax.Array]:
+    """(table of every item, candidates [N]): cached content with the batch's fresh encodings
+    written in, all stop-gradient; ``hide_ids`` scores content alone (the cold-item view).
+
+    Candidates are the items trained on (have an ID): the negatives of a catalogue softmax.
+    """
+    rows = jnp.where(valid, item_id, self.num_items)  # padding -> dropped
+    emb = self.cache_embeddings[...].at[rows].set(content_emb, mode="drop")
+    present = self.cache_presence[...].at[rows].set(presence, mode="drop")
+    trained = self.cache_has_id[...].at[rows].set(has_id, mode="drop")
+    has = jnp.zeros_like(trained) if hide_ids else trained
+    if self.use_item_id and not hide_ids:
+      # One draw per catalogue item, so an item's positive and negative uses agree.
+      has = trained & (self.id_dropout(jnp.ones(trained.shape)) > 0)
+    table = self.item_table(jnp.arange(self.num_items), has, jax.lax.stop_gradient(emb), present)
+    return table, trained
+
   def __call__(self, batch: Mapping[str, jax.Array], full_catalogue: bool = False
                ) -> dict[str, jax.Array]:
     """Training forward pass over a (global) batch: logits and what the losses need.
 
-    Always: ``logits`` [B, B] against the batch's positives (in-batch negatives). With
-    ``full_catalogue`` also ``catalogue_logits`` [B, N] against every item, all read as
-    stop-gradient content (the batch's items with their fresh values, the rest from the item
-    cache): the user model, the gate and the ID table then see every negative every step,
-    while the encoder is trained only by the in-batch term. Letting the encoder's gradient in
-    through the positives alone would be biased -- a pull on each positive and no push on the
-    cached negatives -- and collapses all content toward the average user (measured, see
-    docs/TUNING.md).
+    Always: ``logits`` [B, B], each row's user against the batch's positives (in-batch
+    negatives). With ``full_catalogue`` also ``catalogue_logits`` [B, N] ([B, L, N] for a
+    causal per-user batch) against every item, all read as stop-gradient content (the batch's
+    items with their fresh values, the rest from the item cache): the user model, the gate and
+    the ID table then see every negative every step, while the encoder is trained only by the
+    in-batch term. Letting the encoder's gradient in through the positives alone would be
+    biased -- a pull on each positive and no push on the cached negatives -- and collapses all
+    content toward the average user.
+
+    Per-user batches (with ``targets``) score the in-batch term from content alone (ID hidden):
+    the encoder and the gate learn to stand without the ID, which cold items need.
     """
     content_emb, presence = self.encode_content(batch)
     item_id = batch["item_id"]
+    per_user = "targets" in batch
+    per_position = per_user and self.user_encoder.causal
     users = self.encode_users(batch["user_id"], batch["user_has_id"], batch["history"],
-                              batch["history_mask"])
+                              batch["history_mask"], per_position=per_position)
+    last = ({k: v[:, -1] if v is not None else None for k, v in users.items()}
+            if per_position else users)
     has_id = batch["item_has_id"]
-    if self.use_item_id:
+    if per_user and self.modalities:
+      has_id = jnp.zeros_like(has_id)
+    elif self.use_item_id:
       has_id = has_id & (self.id_dropout(jnp.ones(has_id.shape)) > 0)
     table = self.item_table(item_id, has_id, content_emb, presence)
     out = {"content_emb": content_emb, "presence": presence,
-           "logits": self.score(users, table),
-           "gate_weights": self.fusion.row_weights(users.get("query"), table)}
+           "logits": self.score(last, table),
+           "gate_weights": self.fusion.row_weights(last.get("query"), table)}
     if full_catalogue:
-      rows = jnp.where(batch["example_mask"], item_id, self.num_items)  # padding -> dropped
-      catalogue_emb = self.cache_embeddings[...].at[rows].set(content_emb, mode="drop")
-      catalogue_presence = self.cache_presence[...].at[rows].set(presence, mode="drop")
-      trained = self.cache_has_id[...].at[rows].set(batch["item_has_id"], mode="drop")
-      catalogue_has_id = trained
-      if self.use_item_id:
-        # One draw per catalogue item, so an item's positive and negative uses agree.
-        catalogue_has_id = trained & (self.id_dropout(jnp.ones(trained.shape)) > 0)
-      catalogue = self.item_table(jnp.arange(self.num_items), catalogue_has_id,
-                                  jax.lax.stop_gradient(catalogue_emb), catalogue_presence)
-      out["catalogue_logits"] = self.score(users, catalogue)
+      catalogue, trained = self.catalogue_table(item_id, content_emb, presence,
+                                                batch["item_has_id"], batch["example_mask"])
+      flat = users
+      if per_position:
+        b, length, d = users["emb"].shape
+        flat = {k: v.reshape(b * length, -1) if v is not None else None
+                for k, v in users.items()}
+      logits = self.score(flat, catalogue)
+      if per_position:
+        logits = logits.reshape(b, length, -1)
+      out["catalogue_logits"] = logits
       out["candidates"] = trained
     return out
 
