@@ -74,26 +74,39 @@ def apply_recipe(config: ml_collections.ConfigDict, name: str, protocol: str) ->
          design as first written; the configs' defaults.
   dot    what the ladder of docs/TUNING.md kept: dot-product scoring with a per-item bias, the
          ID outside the gate (``residual``), untied history embeddings summed with projected
-         content, per-user training rows (``cloze`` on random hold-outs; ``next`` with a causal
-         Transformer on next-item protocols), history items excluded from the catalogue
-         negatives, and weight decay doing the regularising that ID dropout did.
+         content, per-user training rows, and weight decay doing the regularising that ID
+         dropout did. The per-protocol part is ``recipe_protocol_fields``.
   """
+  if name not in RECIPES:
+    raise ValueError(f"unknown recipe {name!r}; known: {RECIPES}")
+  config.recipe = name
   if name == "paper":
     return
-  if name != "dot":
-    raise ValueError(f"unknown recipe {name!r}; known: {RECIPES}")
   m = config.model
   m.scoring, m.item_bias, m.fusion, m.history_fusion = "dot", True, "residual", "sum"
   m.item_id.separate_history, m.item_id.dropout = True, 0.0
   m.user.use_id = False
   config.optimizer.weight_decay = 1.0
+  recipe_protocol_fields(config, protocol)
+
+
+def recipe_protocol_fields(config: ml_collections.ConfigDict, protocol: str) -> None:
+  """The recipe's fields that depend on the protocol (the runner re-applies them per fit).
+
+  dot: next-item protocols (loo) train every transition of a window with a causal Transformer
+  (as SASRec); random hold-outs train cloze rows on a pooled (linear) user over the latest 256
+  items, wide (512; 1024 overfit), history items excluded from the catalogue negatives.
+  """
+  if config.get("recipe", "paper") != "dot":
+    return
+  m = config.model
   if protocol == "loo":
     m.user.kind, m.user.causal = "transformer", True
+    m.embed_dim, m.user.history_len = 64, 50
     config.data.example = "next"
+    config.exclude_history = False
   else:
     m.user.kind, m.user.causal = "pool", False
-    # A linear model over the whole (latest 256) history, wide: cheap, and wider helped up
-    # to 512 (1024 overfit).
     m.embed_dim, m.user.history_len = 512, 256
     config.data.example, config.data.target_share = "cloze", 0.2
     config.exclude_history = True

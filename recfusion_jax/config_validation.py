@@ -106,6 +106,7 @@ SCHEMA: dict[str, Any] = {
     "eval_split": _choice("valid", "test"),
     "nonfinite": _choice(*NONFINITE_MODES),
     "init_from": _anything,
+    "recipe": _choice("paper", "dot"),
 }
 # Keys every config must have (the others are optional, with the loop's defaults).
 REQUIRED = ("seed", "data.source", "batch_size", "num_steps", "optimizer.learning_rate",

@@ -31,7 +31,8 @@ def model_ranker(model: RecFusion, dataset: RecDataset, catalogue: Catalogue | N
   time (missing_modality) cannot leak in through the histories. The model is changed in place.
   """
   catalogue = dataset.catalogue if catalogue is None else catalogue
-  emb, presence = Recommender(model, chunk=chunk).encode_catalogue(catalogue)
+  emb, presence = model.to_cache_width(
+      *Recommender(model, chunk=chunk).encode_catalogue(catalogue))
   model.cache_embeddings.set_value(emb)   # a whole new (host) array: the old one is read-only
   model.cache_presence.set_value(presence)
   rec = Recommender(model, chunk=chunk)

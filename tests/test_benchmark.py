@@ -221,3 +221,18 @@ def test_cli_sharded_run_merges_into_the_unsharded_result(tmp_path):
   assert mm["run_dir"] == os.path.join("runs", "test", "warm_ratio", "RecFusion", "seed0")
   with open(os.path.join(workdir, "RESULTS.md")) as f:
     assert "--shard 1/2" in f.read()
+
+
+def test_valid_curve_scores_valid_as_the_runner_does(tmp_path):
+  """The tuning curve's last row is the runner's valid score of the same fit (same steps)."""
+  from recfusion_jax.benchmark import curve  # pylint: disable=import-outside-toplevel
+  base = _tiny_suite_config()
+  base.optimizer.warmup_steps = 1
+  rows = curve.valid_curve("id_only", base, "warm_ratio", 0, steps=4, eval_every=2)
+  assert [r["step"] for r in rows] == [2, 4]
+  assert all(0.0 <= r["NDCG@10"] <= r["HR@10"] <= 1.0 for r in rows)
+  opts = runner.Options(suite="synthetic", workdir=str(tmp_path), config=base,
+                        models=("id_only",), protocols=("warm_ratio",), seeds=(0,),
+                        split="valid", steps=4)
+  score = runner.run_benchmark(opts)["warm_ratio"]["id_only"]["NDCG@10"]
+  np.testing.assert_allclose(rows[-1]["NDCG@10"], score, atol=5e-5)   # the curve rounds to 4 places

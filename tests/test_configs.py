@@ -40,3 +40,17 @@ def test_unknown_recipe_is_an_error():
     movielens.get_config("size=small,recipe=dott")
   with pytest.raises(ValueError, match="unknown recipe"):
     config_lib.apply_recipe(tiny.get_config(), "fancy", "warm_ratio")
+
+
+def test_runner_sets_the_recipe_per_protocol():
+  """A base config built for warm_ratio gets the next-item fields on loo fits (and back)."""
+  from recfusion_jax.benchmark.fit import content_config  # pylint: disable=import-outside-toplevel
+  base = movielens.get_config("size=small,recipe=dot")
+  loo = content_config("RecFusion", base, "loo", 0)
+  assert (loo.data.example, loo.model.user.causal, loo.data.history) == ("next", True, "earlier")
+  warm = content_config("RecFusion", movielens.get_config("size=small,protocol=loo,recipe=dot"),
+                        "warm_ratio", 0)
+  assert (warm.data.example, warm.model.user.kind, warm.exclude_history) == ("cloze", "pool",
+                                                                              True)
+  paper = content_config("RecFusion", movielens.get_config("size=small"), "loo", 0)
+  assert paper.data.get("example", "interaction") == "interaction"

@@ -98,8 +98,9 @@ class RecFusion(nnx.Module):
     self.contrastive_log_temperature = nnx.Param(
         jnp.log(jnp.asarray(cfg.contrastive_temperature, jnp.float32)))
     m = len(self.modalities)
-    self.cache_embeddings = ItemCache(jnp.zeros((num_items, m, d), jnp.float32))
-    self.cache_presence = ItemCache(jnp.zeros((num_items, m), bool))
+    # An ID-only model still keeps one (empty) cache slot: Orbax cannot save zero-size arrays.
+    self.cache_embeddings = ItemCache(jnp.zeros((num_items, max(m, 1), d), jnp.float32))
+    self.cache_presence = ItemCache(jnp.zeros((num_items, max(m, 1)), bool))
     # Which items were trained on (have an ID): the negatives of the full-catalogue softmax.
     self.cache_has_id = ItemCache(jnp.zeros((num_items,), bool))
 
@@ -135,8 +136,9 @@ class RecFusion(nnx.Module):
   def history_vectors(self, id_emb: jax.Array, history: jax.Array,
                       history_mask: jax.Array) -> jax.Array:
     """[B, L, d] input vectors of the history items (content read from the item cache)."""
-    hist_content = jax.lax.stop_gradient(self.cache_embeddings[...][history])  # [B, L, M, d]
-    hist_present = self.cache_presence[...][history] & history_mask[..., None]
+    m = len(self.modalities)
+    hist_content = jax.lax.stop_gradient(self.cache_embeddings[...][history][..., :m, :])
+    hist_present = self.cache_presence[...][history][..., :m] & history_mask[..., None]
     if self.history_fusion == "sum":
       # The ID input embedding plus a projection of the mean present content.
       count = jnp.maximum(jnp.sum(hist_present, axis=-1, keepdims=True), 1)
@@ -192,8 +194,10 @@ class RecFusion(nnx.Module):
     Candidates are the items trained on (have an ID): the negatives of a catalogue softmax.
     """
     rows = jnp.where(valid, item_id, self.num_items)  # padding -> dropped
-    emb = self.cache_embeddings[...].at[rows].set(content_emb, mode="drop")
-    present = self.cache_presence[...].at[rows].set(presence, mode="drop")
+    m = len(self.modalities)
+    content_emb, presence = self.to_cache_width(content_emb, presence)
+    emb = self.cache_embeddings[...].at[rows].set(content_emb, mode="drop")[:, :m]
+    present = self.cache_presence[...].at[rows].set(presence, mode="drop")[:, :m]
     trained = self.cache_has_id[...].at[rows].set(has_id, mode="drop")
     has = jnp.zeros_like(trained) if hide_ids else trained
     if self.use_item_id and not hide_ids:
@@ -252,10 +256,20 @@ class RecFusion(nnx.Module):
 
   # ---- cache -------------------------------------------------------------------------------
 
+  def to_cache_width(self, content_emb: jax.Array, presence: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """Encodings [..., M, d] as the cache stores them (one empty slot when M = 0)."""
+    if self.modalities:
+      return content_emb, presence
+    pad = content_emb.shape[:-2]
+    return (jnp.zeros(pad + (1, self.embed_dim), content_emb.dtype),
+            jnp.zeros(pad + (1,), bool))
+
   def write_cache(self, item_id: jax.Array, content_emb: jax.Array, presence: jax.Array,
                   valid: jax.Array, has_id: jax.Array | None = None) -> None:
     """Stores fresh encodings; rows with ``valid`` False (batch padding) are dropped."""
     rows = jnp.where(valid, item_id, self.num_items)  # out of range -> dropped by mode="drop"
+    content_emb, presence = self.to_cache_width(content_emb, presence)
     self.cache_embeddings[...] = self.cache_embeddings[...].at[rows].set(
         jax.lax.stop_gradient(content_emb), mode="drop")
     self.cache_presence[...] = self.cache_presence[...].at[rows].set(presence, mode="drop")

@@ -1,0 +1,120 @@
+r"""A content model's validation curve: train on a protocol's fit data, score ``valid`` every N
+steps with the runner's exact evaluation (same exclusion, tie rule and candidates).
+
+  python -m recfusion_jax.benchmark.curve --config configs/movielens.py:size=small,recipe=dot \
+      --model RecFusion --protocol warm_ratio --seed 0 --steps 1500 --eval_every 250 \
+      --out runs/curves.jsonl
+
+This is how training length and settings are chosen (docs/TUNING.md): the runner then trains
+each fit for the chosen ``--steps`` and scores ``test`` once. It keeps its own short loop
+because ``train.train_model`` evaluates once, at the end; it has no checkpoints, no resume and
+one device: a tuning tool, not a training entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Sequence
+
+from absl import app, flags
+import jax
+import numpy as np
+from etils import epath
+from flax import nnx
+from ml_collections import config_flags
+
+from recfusion_jax import model_eval, sharding, train
+from recfusion_jax.baselines.common import rank_split
+from recfusion_jax.benchmark import protocols, registry
+from recfusion_jax.benchmark.fit import _with_catalogue, content_config
+from recfusion_jax.data import examples, pipeline
+
+
+def define_flags() -> None:
+  """The CLI's flags (defined only when run as a program: the runner's CLI also has --config)."""
+  config_flags.DEFINE_config_file("config", "configs/movielens.py:size=small",
+                                  "Base RecFusion config (as the runner's --config).")
+  flags.DEFINE_enum("model", "RecFusion", sorted(registry.CONTENT_MODELS),
+                    "Content model of the registry.")
+  flags.DEFINE_string("protocol", "warm_ratio", "Protocol whose valid split is scored.")
+  flags.DEFINE_integer("seed", 0, "Split and model seed.")
+  flags.DEFINE_integer("steps", 1000, "Training steps (the schedule decays over these).")
+  flags.DEFINE_integer("eval_every", 250, "Score valid every this many steps.")
+  flags.DEFINE_string("out", None, "JSONL file the curve is appended to (optional).")
+
+def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_every: int
+                ) -> list[dict[str, float]]:
+  """Rows {step, epoch, NDCG@10, HR@10, train_s, <last logged losses>} every ``eval_every``."""
+  if steps < 1 or eval_every < 1:
+    raise ValueError(f"steps and eval_every must be >= 1, got {steps}, {eval_every}")
+  config = content_config(name, base, protocol, seed, steps=steps)
+  pdata = protocols.load_protocol(config, protocol, seed, split="valid")
+  fit = _with_catalogue(pdata.fit, pdata.fit.catalogue, config.data.get("text_len"))
+  mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
+  index = examples.TrainExampleIndex.build(fit)
+  example = config.data.get("example", "interaction")
+  data_iter = pipeline.make_train_iterator(
+      fit, batch_size=config.batch_size, history_len=config.model.user.history_len,
+      seed=config.seed, num_workers=0, index=index, log_q=examples.item_log_q(fit),
+      history=config.data.get("history", "earlier"), example=example,
+      target_share=config.data.get("target_share", 0.2))
+  model = train.create_model(config, fit)
+  tx, schedule = train.make_optimizer(config, steps)
+  graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+  shardings = sharding.state_shardings(state, mesh)
+  state = sharding.put_global(state, shardings)
+  step_fn = train.jit_train_step(
+      graphdef, shardings, mesh, contrastive_weight=config.contrastive_weight,
+      schedule=schedule, logq_weight=config.get("logq_weight", 1.0),
+      full_catalogue=train.rec_loss_is_full(config),
+      in_batch_weight=config.get("in_batch_weight", 1.0),
+      exclude_history=config.get("exclude_history", False))
+  refresh_fn = train._refresh_cache_fn(graphdef, shardings)  # pylint: disable=protected-access
+  state = train.refresh_cache(refresh_fn, state, fit, config.eval_block_size)
+  rows_per_epoch = (examples.trained_users(index).size if example != "interaction"
+                    else index.num_examples)
+  curve, train_s = [], 0.0
+  for step in range(1, steps + 1):
+    tick = time.perf_counter()
+    state, metrics = step_fn(state, pipeline.make_global_batch(next(data_iter), mesh))
+    if step % config.cache_refresh_every == 0:
+      state = train.refresh_cache(refresh_fn, state, fit, config.eval_block_size)
+    jax.block_until_ready(state)
+    train_s += time.perf_counter() - tick
+    if step % eval_every and step != steps:
+      continue
+    trained, _ = nnx.merge(graphdef, state)
+    ranker = model_eval.model_ranker(trained, fit, fit.catalogue,
+                                     history_len=config.model.user.history_len,
+                                     chunk=config.eval_block_size)
+    result = rank_split(ranker, fit, pdata.heldout, candidate_items=pdata.candidate_items)
+    losses = {k: round(float(v), 4) for k, v in jax.device_get(metrics).items()
+              if np.ndim(v) == 0}
+    curve.append({"step": step, "epoch": round(step * config.batch_size / rows_per_epoch, 2),
+                  "NDCG@10": round(float(result["NDCG@10"]), 4),
+                  "HR@10": round(float(result["HR@10"]), 4), "train_s": round(train_s, 1),
+                  **losses})
+    print(json.dumps(curve[-1]), flush=True)
+  return curve
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  f = flags.FLAGS
+  curve = valid_curve(f.model, f.config, f.protocol, f.seed, f.steps, f.eval_every)
+  best = max(curve, key=lambda row: row["NDCG@10"])
+  print("best", json.dumps(best))
+  if f.out:
+    out = epath.Path(f.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"model": f.model, "protocol": f.protocol, "seed": f.seed,
+              "argv": sys.argv[1:], "best": best, "curve": curve}
+    with out.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
