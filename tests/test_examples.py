@@ -7,10 +7,12 @@ import pytest
 
 from recfusion_jax.data.synthetic import make_synthetic
 from recfusion_jax.data import examples
-from recfusion_jax.data.types import (PER_USER_KEYS, TRAIN_BATCH_SPEC, Catalogue, Interactions,
-                                      RecDataset)
+from recfusion_jax.data.types import (MODALITIES, PER_USER_KEYS, TRAIN_BATCH_SPEC, Catalogue,
+                                      Interactions, RecDataset, feature_key)
 
 HISTORY_LEN = 6
+# Keys a raw-content interaction batch does not carry: per-user targets, precomputed features.
+NOT_IN_INTERACTION_BATCH = set(PER_USER_KEYS) | {feature_key(m) for m in MODALITIES}
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +85,12 @@ def test_make_train_batch_contract_and_padding(small):
   log_q = examples.item_log_q(small)
   ids = np.array([3, -1, 0, 7])
   batch = examples.make_train_batch(small, index, ids, HISTORY_LEN, log_q, batch_size=6)
-  assert set(batch) == set(TRAIN_BATCH_SPEC) - set(PER_USER_KEYS)
+  assert set(batch) == set(TRAIN_BATCH_SPEC) - NOT_IN_INTERACTION_BATCH
   c = small.catalogue
   dims = {"B": 6, "L": HISTORY_LEN, "Lt": c.text_ids.shape[1], "H": c.image.shape[1],
           "W": c.image.shape[2], "T": c.video.shape[1], "M": 3}
   for key, (dtype, shape) in TRAIN_BATCH_SPEC.items():
-    if key in PER_USER_KEYS:
+    if key in NOT_IN_INTERACTION_BATCH:
       continue
     expected = tuple(3 if d == "3" else dims[d] for d in shape.strip("[]").split(", "))
     assert batch[key].dtype == np.dtype(dtype) and batch[key].shape == expected, key
@@ -117,7 +119,7 @@ def test_make_train_batch_omits_absent_modalities(small):
   index = examples.TrainExampleIndex.build(dataset)
   batch = examples.make_train_batch(dataset, index, np.arange(4), HISTORY_LEN,
                                     examples.item_log_q(dataset), 4)
-  assert set(batch) == set(TRAIN_BATCH_SPEC) - {"video", *PER_USER_KEYS}
+  assert set(batch) == set(TRAIN_BATCH_SPEC) - {"video", *NOT_IN_INTERACTION_BATCH}
 
 
 def test_make_train_batch_rejects_bad_ids(small):

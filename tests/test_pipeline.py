@@ -11,7 +11,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from recfusion_jax.data.synthetic import make_synthetic
 from recfusion_jax.data import examples, pipeline
-from recfusion_jax.data.types import PER_USER_KEYS, TRAIN_BATCH_SPEC
+from recfusion_jax.data.types import MODALITIES, PER_USER_KEYS, TRAIN_BATCH_SPEC, feature_key
+
+OPTIONAL_KEYS = set(PER_USER_KEYS) | {feature_key(m) for m in MODALITIES}
 
 HISTORY_LEN = 5
 BATCH = 16
@@ -37,7 +39,7 @@ def _assert_batches_equal(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
     assert set(x) == set(y)
-    assert set(x) - set(PER_USER_KEYS) == set(TRAIN_BATCH_SPEC) - set(PER_USER_KEYS)
+    assert set(x) - OPTIONAL_KEYS == set(TRAIN_BATCH_SPEC) - OPTIONAL_KEYS
     for key in x:
       np.testing.assert_array_equal(x[key], y[key], err_msg=key)
 
@@ -52,7 +54,7 @@ def test_batches_follow_contract_and_gather(small):
     expected = examples.make_train_batch(small, index, ids[i], HISTORY_LEN, log_q, BATCH)
     _assert_batches_equal([batch], [expected])
     for key, (dtype, _) in TRAIN_BATCH_SPEC.items():
-      if key in PER_USER_KEYS:
+      if key in OPTIONAL_KEYS:
         continue
       assert batch[key].dtype == np.dtype(dtype) and batch[key].shape[0] == BATCH
 
