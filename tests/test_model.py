@@ -260,7 +260,8 @@ def test_per_user_batches_train(kind):
   user = ({"model.user.kind": "pool", "model.user.use_id": False} if kind == "cloze" else
           {"model.user.kind": "transformer", "model.user.causal": True})
   config = tiny_config(**{**DOT_RESIDUAL, **user, "model.item_id.dropout": 0.0,
-                          "optimizer.warmup_steps": 1, "rec_loss": "full"})
+                          "optimizer.warmup_steps": 1, "optimizer.learning_rate": 1e-2,
+                          "rec_loss": "full"})
   data = make_synthetic(config.data.synthetic, num_items=NUM_ITEMS, num_users=NUM_USERS,
                         min_interactions=4, max_interactions=9,
                         image_size=config.model.encoder.image.size)
@@ -271,13 +272,13 @@ def test_per_user_batches_train(kind):
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   model = train.create_model(config, data)
   model.cache_has_id[...] = jnp.asarray(data.catalogue.has_id)
-  tx, schedule = train.make_optimizer(config, 20)
+  tx, schedule = train.make_optimizer(config, 30)
   graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
   step = jax.jit(lambda s, b: train.train_step(
       graphdef, s, b, contrastive_weight=0.1, schedule=schedule, full_catalogue=True,
       exclude_history=kind == "cloze"))
   history = []
-  for _ in range(12):
+  for _ in range(25):
     state, metrics = step(state, batch)
     history.append(float(metrics["full_softmax_loss"]))
     assert all(np.isfinite(float(v)) for v in jax.tree.leaves(metrics) if np.ndim(v) == 0)
