@@ -126,51 +126,30 @@ def test_sigterm_saves_exits_75_and_resumes_exactly(env, reference, tmp_path):
     assert [row["step"] for row in json.load(f)["train_history"]] == expected
 
 
-def _largest_data_file(workdir, step):
+def _data_files(workdir, step):
   files = [p for p in glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**"),
                                 recursive=True)
            if os.path.isfile(p) and "/d/" in p]
   assert files, os.listdir(os.path.join(workdir, "checkpoints", str(step), "state"))
-  return max(files, key=os.path.getsize)
+  return files
 
 
-def test_kill9_at_three_points_resumes_bitwise(env, reference, tmp_path):
-  """SIGKILL (no chance to save) after steps 15, 25 and 35; each restart resumes from the last
-  committed checkpoint, and the final state equals the uninterrupted run's bit for bit."""
-  workdir = str(tmp_path / "run")
-  flags_ = ("--config.checkpoint_every=10", "--config.keep_checkpoints=4")
-  for kill_after in (15, 25, 35):
-    proc = subprocess.Popen(_cmd(workdir, *flags_), cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
-    log = []
-    for line in proc.stderr:
-      log.append(line)
-      if f"] [{kill_after}] " in line and "total_loss" in line:
-        break
-    proc.kill()
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "".join(log)[-3000:]
-    # Checkpoints are written asynchronously: the newest committed one is normally 5 steps
-    # back, possibly 15 on a loaded machine; either way the run must end bitwise equal.
-    if kill_after > 15:
-      assert "resumed from step " in "".join(log), "".join(log)[-3000:]
-  finished = _run(env, workdir, *flags_)
-  assert finished.returncode == 0, finished.stderr[-3000:]
-  assert "resumed from step " in finished.stderr
-  assert _fingerprint(workdir, STEPS) == _fingerprint(reference, STEPS)
+def _largest_data_file(workdir, step):
+  return max(_data_files(workdir, step), key=os.path.getsize)
 
 
 def test_corrupt_checkpoints_fall_back_with_reasons(env, reference, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(reference, workdir)
-  # 40: 64 flipped bytes in the middle of a chunk; 30: a truncated chunk; 20: no metadata.
-  path = _largest_data_file(workdir, 40)
-  with open(path, "r+b") as f:
-    middle = os.path.getsize(path) // 2
-    f.seek(middle)
-    data = bytearray(f.read(64))
-    f.seek(middle)
-    f.write(bytes(b ^ 0xFF for b in data))
+  # 40: 64 flipped bytes in the middle of each data file (one file alone can be a region no
+  # array of the restore reads: seen once in CI); 30: a truncated chunk; 20: no metadata.
+  for path in _data_files(workdir, 40):
+    with open(path, "r+b") as f:
+      middle = os.path.getsize(path) // 2
+      f.seek(middle)
+      data = bytearray(f.read(64))
+      f.seek(middle)
+      f.write(bytes(b ^ 0xFF for b in data))
   path = _largest_data_file(workdir, 30)
   os.truncate(path, os.path.getsize(path) // 2)
   os.remove(os.path.join(workdir, "checkpoints", "20", "state", "_METADATA"))
