@@ -193,6 +193,12 @@ def make_train_batch(dataset: RecDataset, index: TrainExampleIndex, example_ids:
       "log_q": log_q[item],
       "example_mask": valid,
   }
+  return _finish_batch(batch, dataset, item, valid)
+
+
+def _finish_batch(batch: dict[str, np.ndarray], dataset: RecDataset, item: np.ndarray,
+                  valid: np.ndarray) -> dict[str, np.ndarray]:
+  """Adds the rows' item content, zeroes padding rows, casts to TRAIN_BATCH_SPEC dtypes."""
   batch.update(dataset.catalogue.content(item))
   if not valid.all():
     # Padding rows would otherwise carry example 0's data; zero them so no consumer can use it.
@@ -293,13 +299,7 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
       "target_mask": target_mask & valid[:, None],
       "example_mask": valid,
   }
-  batch.update(dataset.catalogue.content(item))
-  if not valid.all():
-    for key, value in batch.items():
-      if key != "example_mask":
-        value[~valid] = 0
-  return {key: batch[key].astype(TRAIN_BATCH_SPEC[key][0], copy=False)
-          for key in TRAIN_BATCH_SPEC if key in batch}
+  return _finish_batch(batch, dataset, item, valid)
 
 
 class UserBatchFn:
