@@ -95,6 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.eval_block_size = 256
   config.eval_split = "test"          # "valid" while tuning: test numbers are for reporting only
+  # Full ranking on valid every `every` steps (0: never); the best state is kept and returned,
+  # and training stops after `patience` evaluations without a better `metric` (0: never).
+  config.validation = ml_collections.ConfigDict(dict(every=0, patience=0, metric="NDCG@10"))
   config.init_from = ""               # converted pretrained encoder (recfusion_jax.convert)
 
   config_lib.apply_ablation(config, switches["ablation"])

@@ -19,9 +19,10 @@ is logged with its step and the reason, moved to ``<directory>.corrupt/`` (so th
 that step again), and the next older one is tried. When none is usable, nothing is moved and
 ``CheckpointError`` lists every step's problem.
 
-Retention (``Checkpointer``'s ``preservation_policy``): the latest ``keep`` checkpoints and
+Retention (``Checkpointer``'s ``preservation_policy``): the latest ``keep`` checkpoints,
 the latest one whose loss and state were finite (``LatestFinite``; the train loop never saves a
-non-finite state, this is the second line of defence). Each save carries a flat metrics dict
+non-finite state, this is the second line of defence) and, with ``best_metric``, the one with
+the best validation score (Orbax ``BestN``). Each save carries a flat metrics dict
 (loss, finiteness, skipped steps) that Orbax stores with the step.
 
 Preemption (``PreemptionWatch``): SIGTERM/SIGINT set a flag that the train loop reads at each
@@ -191,9 +192,16 @@ class Checkpointer:
     keep: how many of the latest checkpoints to keep (plus the latest finite one).
   """
 
-  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
+               best_metric: str | None = None):
     self.directory = os.path.abspath(directory)
     policies: list[Any] = [checkpoint_managers.LatestN(n=keep), LatestFinite()]
+    if best_metric is not None:
+      # The best validated step is kept too; equal scores keep the earlier step (the loop's
+      # BestTracker picks it), so ``step`` goes into every save's metrics.
+      policies.append(checkpoint_managers.BestN(
+          get_metric_fn=lambda m: (float(m.get(best_metric, float("-inf"))),
+                                   -int(m.get("step", 0))), n=1))
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
@@ -214,13 +222,14 @@ class Checkpointer:
     ``fingerprint`` (``make_fingerprint_fn``'s first output for ``state``) is stored with it and
     checked by ``restore``; ``metrics`` (flat, JSON-able) decide retention.
     """
+    metrics = {**(metrics or {}), "step": step}
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
     if fingerprint is not None:
       items[FINGERPRINT_ITEM] = ocp.args.JsonSave(dict(fingerprint))
     return self.manager.save(step, args=ocp.args.Composite(**items),
-                             metrics=dict(metrics or {}), force=force)
+                             metrics=metrics, force=force)
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())

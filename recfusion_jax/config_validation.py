@@ -104,6 +104,8 @@ SCHEMA: dict[str, Any] = {
     "keep_checkpoints": _int(1),
     "eval_block_size": _int(1),
     "eval_split": _choice("valid", "test"),
+    "validation": {"every": _int(0), "patience": _int(0),
+                   "metric": _choice("NDCG@10", "HR@10", "Recall@10", "MRR@10")},
     "nonfinite": _choice(*NONFINITE_MODES),
     "init_from": _anything,
     "recipe": _choice("paper", "dot"),

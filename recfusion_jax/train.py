@@ -17,7 +17,12 @@ One readable loop, in order:
      Orbax checkpoint (with a content fingerprint);
   5. SIGTERM/SIGINT (or a multi-host preemption notice): a checkpoint at the current step,
      committed, then ``Preempted`` (the CLI exits with ``EXIT_PREEMPTED``, "resume me");
-  6. ``train_and_evaluate`` only: full-ranking evaluation of the final model
+  6. with ``validation.every``: full-ranking evaluation on ``valid`` every that many steps
+     (the runner's exclusion and tie rules), written with the other metrics; a checkpoint at
+     each, the best one kept by Orbax (``BestN`` on the metric); training stops after
+     ``validation.patience`` evaluations without improvement, and the best state is the
+     result (``TrainedModel.best``: its step, epochs and score);
+  7. ``train_and_evaluate`` only: full-ranking evaluation of the final model
      (``model_eval.evaluate_model``, the benchmark runner's path).
 
 A resumed run rewrites metrics.jsonl from the restored step on, so the log has no duplicate
@@ -310,6 +315,79 @@ class TrainedModel(NamedTuple):
   mesh: Any
   history: list[dict[str, Any]]   # training scalars of every logged step, resumed runs included
   skipped_steps: int = 0          # steps whose update nonfinite="skip" dropped
+  valid_history: list[dict[str, Any]] = []   # {"step", "epoch", metrics} of each validation
+  best: dict[str, Any] | None = None   # the selected validation (its step), or None
+  last_step: int = 0              # the step training ended at (earlier with early stopping)
+
+
+class ValidationSettings(NamedTuple):
+  """``config.validation``: evaluate on valid every ``every`` steps (0: never), keep and return
+  the best state by ``metric``, stop after ``patience`` evaluations without improvement (0:
+  train all ``num_steps``)."""
+
+  every: int = 0
+  patience: int = 0
+  metric: str = "NDCG@10"
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "ValidationSettings":
+    section = config.get("validation")
+    if not section:
+      return cls()
+    return cls(int(section.get("every", 0)), int(section.get("patience", 0)),
+               str(section.get("metric", "NDCG@10")))
+
+
+class BestTracker:
+  """Which validation is best so far and how many came after it (early stopping's count).
+
+  A later score must be strictly higher to count as better, so ties keep the earlier (shorter)
+  fit. Rebuilt from the logged valid curve on resume, so a resumed run stops where an
+  uninterrupted one would.
+  """
+
+  def __init__(self, metric: str, patience: int, history: list[dict[str, Any]] = ()):
+    self.metric, self.patience = metric, patience
+    self.best: dict[str, Any] | None = None
+    self.since_best = 0
+    for row in history:
+      self.update(row)
+
+  def update(self, row: Mapping[str, Any]) -> bool:
+    """Records one validation; True when it is the new best."""
+    value = float(row[self.metric])
+    if self.best is None or value > float(self.best[self.metric]):
+      self.best, self.since_best = dict(row), 0
+      return True
+    self.since_best += 1
+    return False
+
+  @property
+  def should_stop(self) -> bool:
+    return self.patience > 0 and self.since_best >= self.patience
+
+
+VALID_PREFIX = "valid/"
+
+
+def make_validator(dataset: RecDataset, config: ml_collections.ConfigDict, graphdef: Any,
+                   mesh: Any):
+  """(state) -> full-ranking metrics on ``dataset.valid`` (train items excluded), the path
+  ``benchmark --split valid`` scores."""
+  from recfusion_jax.baselines.common import rank_split  # pylint: disable=import-outside-toplevel
+  if len(dataset.valid) == 0:
+    raise ValueError(f"validation.every={config.validation.every} needs a valid split; "
+                     f"{dataset.name} has none")
+  rank_mesh = mesh if jax.process_count() == 1 else None
+
+  def validate(state: Any) -> dict[str, float]:
+    model, _ = nnx.merge(graphdef, sharding.to_host(state, mesh))
+    ranker = model_eval.model_ranker(model, dataset, history_len=config.model.user.history_len,
+                                     chunk=config.eval_block_size)
+    return rank_split(ranker, dataset, dataset.valid, block_size=config.eval_block_size,
+                      mesh=rank_mesh)
+
+  return validate
 
 
 def _is_train_row(row: Mapping[str, Any]) -> bool:
@@ -317,17 +395,21 @@ def _is_train_row(row: Mapping[str, Any]) -> bool:
 
 
 def train_model(config: ml_collections.ConfigDict, workdir: str,
-                dataset: RecDataset | None = None) -> TrainedModel:
+                dataset: RecDataset | None = None, stop_step: int | None = None
+                ) -> TrainedModel:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints); no final evaluation.
 
   ``dataset`` overrides ``data.sources.load_dataset(config)`` (e.g. a benchmark protocol's
-  train+valid fit). Raises ``config_validation.ConfigError`` before loading anything for a bad
+  train+valid fit). ``stop_step`` ends training at that step of the ``num_steps`` schedule
+  (the learning rate follows the same curve as a full run up to there: a refit at the length
+  that validation chose). Raises ``config_validation.ConfigError`` before loading anything for a bad
   config, ``Preempted`` after SIGTERM/SIGINT made it save a checkpoint, ``NonFiniteError`` when
   a NaN/Inf stops it (``nonfinite="stop"``), ``checkpointing.CheckpointError`` when no
   checkpoint of ``workdir`` can be restored.
   """
   config_validation.validate(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
+  end_step = config.num_steps if stop_step is None else min(stop_step, config.num_steps)
   os.makedirs(workdir, exist_ok=True)
   dataset = sources.load_dataset(config) if dataset is None else dataset
   logging.info("data %s: %d users, %d items, %d train / %d valid / %d test, %d cold items",
@@ -353,9 +435,11 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   logging.info("state on mesh %s: %s", dict(mesh.shape), sharding.describe(state, state_shardings))
   state = sharding.put_global(state, state_shardings)
 
+  settings = ValidationSettings.from_config(config)
+  best_key = VALID_PREFIX + settings.metric
   ckpt = checkpointing.Checkpointer(
       os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
-      keep=config.keep_checkpoints)
+      keep=config.keep_checkpoints, best_metric=best_key if settings.every else None)
   fingerprint_fn = checkpointing.make_fingerprint_fn(mesh)
   abstract_state = checkpointing.abstract_like(state, state_shardings)
   restored = ckpt.restore(abstract_state, data_iter, fingerprint_fn=fingerprint_fn)
@@ -378,9 +462,17 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   earlier = writers.truncate_jsonl(workdir, start_step) if jax.process_index() == 0 else (
       writers.read_jsonl(workdir))
   history = [row for row in earlier if _is_train_row(row) and row["step"] <= start_step]
+  per_epoch = pipeline.examples_per_epoch(index, config.data.get("example", "interaction"))
+  epoch_of = lambda step: round(step * config.batch_size / per_epoch, 3)
+  validate = (make_validator(dataset, config, graphdef, mesh) if settings.every else None)
+  valid_history = [
+      {"step": row["step"], "epoch": epoch_of(row["step"]),
+       **{k[len(VALID_PREFIX):]: v for k, v in row.items() if k.startswith(VALID_PREFIX)}}
+      for row in earlier if best_key in row and row["step"] <= start_step]
+  tracker = BestTracker(settings.metric, settings.patience, valid_history)
   writer = writers.create_writer(workdir)
   report_progress = periodic_actions.ReportProgress(
-      num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every,
+      num_train_steps=end_step, writer=writer, every_steps=config.log_every,
       every_secs=None)
   names = source_names(model)
   if start_step == 0:
@@ -389,7 +481,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   last_saved = start_step if restored is not None else None
   last_metrics: dict[str, Any] = {}
 
-  def save(step: int) -> None:
+  def save(step: int, extra: Mapping[str, float] | None = None) -> None:
     nonlocal last_saved
     if last_saved == step:
       return
@@ -400,7 +492,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
       raise NonFiniteError(step, {n: float("nan") for n in bad[:5]}, what="state values",
                            last_checkpoint=last_saved)
     loss = float(jax.device_get(last_metrics["total_loss"])) if last_metrics else float("nan")
-    metrics = {checkpointing.FINITE_KEY: True, "loss": loss, "skipped_steps": watch.skipped}
+    metrics = {checkpointing.FINITE_KEY: True, "loss": loss, "skipped_steps": watch.skipped,
+               **(extra or {})}
     ckpt.save(step, state, data_iter, fingerprint=digest, metrics=metrics, force=True)
     last_saved = watch.last_checkpoint = step
 
@@ -408,7 +501,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   step = start_step
   try:
     with checkpointing.PreemptionWatch() as preemption:
-      for step in range(start_step + 1, config.num_steps + 1):
+      # A run that already stopped early (resumed after it) trains no further.
+      last = start_step if tracker.should_stop else end_step
+      for step in range(start_step + 1, last + 1):
         batch = pipeline.make_global_batch(next(data_iter), mesh)
         state, last_metrics = step_fn(state, batch)
         watch.add(step, last_metrics)
@@ -416,7 +511,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
         report_progress(step)
         if step % config.cache_refresh_every == 0:
           state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
-        if step % config.log_every == 0 or step == config.num_steps:
+        if step % config.log_every == 0 or step == end_step:
           watch.poll(wait=True)
           metrics = jax.device_get(last_metrics)
           now = time.perf_counter()
@@ -429,7 +524,23 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
           writer.write_scalars(step, values)
           history.append({"step": step, **values})
           tick, tick_step = time.perf_counter(), step
-        if step % config.checkpoint_every == 0 or step == config.num_steps:
+        stop_early = False
+        if validate is not None and (step % settings.every == 0 or step == end_step):
+          watch.poll(wait=True)
+          scores = validate(state)
+          writer.write_scalars(step, {VALID_PREFIX + k: v for k, v in scores.items()})
+          row = {"step": step, "epoch": epoch_of(step), **scores}
+          valid_history.append(row)
+          improved = tracker.update(row)
+          logging.info("valid at step %d (epoch %.2f): %s=%.4f%s", step, row["epoch"],
+                       settings.metric, scores[settings.metric],
+                       " (best)" if improved else
+                       f" (best {tracker.best[settings.metric]:.4f} at step "
+                       f"{tracker.best['step']}, {tracker.since_best} since)")
+          # Every validated state is saved; Orbax's BestN keeps the best of them.
+          save(step, {best_key: float(scores[settings.metric])})
+          stop_early = tracker.should_stop
+        if step % config.checkpoint_every == 0 or step == end_step or stop_early:
           save(step)
         notice = ckpt.reached_preemption(step)
         if preemption.requested or notice:
@@ -441,7 +552,19 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
           logging.warning("%s: checkpoint of step %d committed; exiting with code %d (rerun "
                           "the same command to resume)", reason, step, EXIT_PREEMPTED)
           raise Preempted(step, reason, workdir)
+        if stop_early:
+          logging.info("early stopping at step %d: no better valid %s in %d evaluations "
+                       "(best %.4f at step %d)", step, settings.metric, settings.patience,
+                       tracker.best[settings.metric], tracker.best["step"])
+          break
       watch.poll(wait=True)
+      if tracker.best is not None and tracker.best["step"] != step:
+        ckpt.wait()
+        restored = ckpt.restore(abstract_state, step=tracker.best["step"],
+                                fingerprint_fn=fingerprint_fn, fall_back=False)
+        state = restored.state
+        logging.info("the result is the best validated state: step %d (%s=%.4f)",
+                     tracker.best["step"], settings.metric, tracker.best[settings.metric])
   finally:
     writer.close()
     data_iter.close()
@@ -449,7 +572,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
 
   # A host copy of the final state, so evaluation can run on one process's devices alone.
   model, _ = nnx.merge(graphdef, sharding.to_host(state, mesh))
-  return TrainedModel(model, dataset, mesh, history, watch.skipped)
+  return TrainedModel(model, dataset, mesh, history, watch.skipped, valid_history,
+                      tracker.best, step)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -461,6 +585,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                       trained.mesh if jax.process_count() == 1 else None,
                                       split=config.get("eval_split", "test"))
   results["train_history"] = trained.history
+  if trained.valid_history:
+    results["valid_history"] = trained.valid_history
+    results["best"] = trained.best
   if trained.skipped_steps:
     results["skipped_steps"] = trained.skipped_steps
   if jax.process_index() == 0:

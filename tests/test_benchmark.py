@@ -236,3 +236,27 @@ def test_valid_curve_scores_valid_as_the_runner_does(tmp_path):
                         split="valid", steps=4)
   score = runner.run_benchmark(opts)["warm_ratio"]["id_only"]["NDCG@10"]
   np.testing.assert_allclose(rows[-1]["NDCG@10"], score, atol=5e-5)   # the curve rounds to 4 places
+
+
+def test_content_fit_length_is_chosen_on_valid_then_refit(tmp_path):
+  config = _tiny_suite_config()
+  config.validation.every = 2
+  opts = runner.Options(suite="synthetic", workdir=str(tmp_path), config=config, quick=True,
+                        models=("RecFusion",), protocols=("warm_ratio",), seeds=(0,))
+  results = runner.run_benchmark(opts)
+  with open(runner._records_path(opts)) as f:
+    (record,) = [json.loads(line) for line in f]
+  info = record["info"]
+  # The train-only fit was scored on valid at steps 2 and 4 (--quick trains 4 steps) ...
+  assert [row["step"] for row in info["valid_curve"]] == [2, 4]
+  best = max(info["valid_curve"], key=lambda row: row["NDCG@10"])
+  assert info["best_step"] == best["step"] and info["epochs_to_best"] == best["epoch"]
+  assert info["valid_NDCG@10"] == best["NDCG@10"]
+  # ... and the train + valid refit ran that many epochs (more rows: at least as many steps).
+  run_dir = os.path.join(tmp_path, record["run_dir"])
+  refit_steps = report._read_curve(run_dir)[0]
+  assert info["refit_steps"] >= info["best_step"] and refit_steps[-1] == info["refit_steps"]
+  assert os.path.isdir(os.path.join(run_dir, "select", "checkpoints"))
+  entry = results["warm_ratio"]["RecFusion"]
+  assert entry["epochs_to_best"] == info["epochs_to_best"] and entry["epochs"] == info["epochs"]
+  assert os.path.exists(os.path.join(tmp_path, "valid_warm_ratio.png"))

@@ -98,3 +98,70 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert any("fsdp" in str(s.spec) for s in jax.tree.leaves(
       shard_b, is_leaf=lambda x: hasattr(x, "spec")))
+
+
+def _steps_on_disk(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+
+
+def test_checkpointer_keeps_the_best_validated_step(tmp_path):
+  state = {"w": jax.numpy.zeros(4)}
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), save_every=1, keep=1,
+                                    best_metric="valid/NDCG@10", async_save=False)
+  scores = {1: 0.1, 2: 0.5, 3: None, 4: 0.5, 5: 0.2, 6: None}   # None: a plain checkpoint
+  for step, score in scores.items():
+    metrics = {checkpointing.FINITE_KEY: True}
+    if score is not None:
+      metrics["valid/NDCG@10"] = score
+    ckpt.save(step, state, metrics=metrics, force=True)
+  ckpt.wait()
+  # The latest (keep=1) and the best; of two equal scores the earlier step (the shorter fit).
+  assert ckpt.all_steps() == [2, 6]
+  ckpt.close()
+
+
+def test_validation_stops_early_and_resumes_stopped(tmp_path):
+  # A learning rate too small to change any float32 parameter: every validation scores the
+  # same, so none improves on the first and training stops after `patience` more.
+  config = _config(200, **{"optimizer.learning_rate": 1e-12})
+  config.validation.every, config.validation.patience = 10, 2
+  config.keep_checkpoints = 1
+  workdir = str(tmp_path / "run")
+  trained = train.train_model(config, workdir)
+  assert [row["step"] for row in trained.valid_history] == [10, 20, 30]
+  assert trained.last_step == 30 and trained.best["step"] == 10
+  assert trained.best["epoch"] == round(10 * 64 / _examples_per_epoch(trained.dataset), 3)
+  assert _steps_on_disk(workdir) == [10, 30]   # the best one outlives keep_checkpoints=1
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [row["step"] for row in map(json.loads, f) if "valid/NDCG@10" in row]
+  assert logged == [10, 20, 30]
+  # Rerunning the command resumes a run that has already stopped: no further step.
+  again = train.train_model(config, workdir)
+  assert again.last_step == 30 and again.best == trained.best
+  assert len(again.valid_history) == 3 and _steps_on_disk(workdir) == [10, 30]
+
+
+def test_validation_returns_the_best_state(tmp_path):
+  config = _config(80)
+  config.validation.every = 20
+  trained = train.train_model(config, str(tmp_path / "run"))
+  curve = [row["NDCG@10"] for row in trained.valid_history]
+  assert len(curve) == 4 and trained.best["NDCG@10"] == max(curve)
+  assert trained.best["step"] == trained.valid_history[int(np.argmax(curve))]["step"]
+  # The returned model is the best validated state: scoring it again gives its numbers.
+  graphdef, state = nnx.split(trained.model)
+  model = nnx.merge(graphdef, state)
+  from recfusion_jax import model_eval  # pylint: disable=import-outside-toplevel
+  from recfusion_jax.baselines.common import rank_split  # pylint: disable=import-outside-toplevel
+  ranker = model_eval.model_ranker(model, trained.dataset,
+                                   history_len=config.model.user.history_len,
+                                   chunk=config.eval_block_size)
+  again = rank_split(ranker, trained.dataset, trained.dataset.valid,
+                     block_size=config.eval_block_size)
+  for key in ("NDCG@10", "HR@10"):
+    np.testing.assert_allclose(again[key], trained.best[key], atol=1e-6)
+
+
+def _examples_per_epoch(dataset):
+  from recfusion_jax.data import examples, pipeline  # pylint: disable=import-outside-toplevel
+  return pipeline.examples_per_epoch(examples.TrainExampleIndex.build(dataset))

@@ -16,7 +16,7 @@ from recfusion_jax.baselines import chance
 from recfusion_jax.baselines.common import Ranker, rank_split, sampled_split, tune_and_fit
 from recfusion_jax.benchmark import registry
 from recfusion_jax.benchmark.protocols import ProtocolData, split_seed
-from recfusion_jax.data import sources
+from recfusion_jax.data import examples, pipeline, sources
 from recfusion_jax.data.types import Catalogue, RecDataset
 from recfusion_jax.recommend import Recommender
 
@@ -55,6 +55,9 @@ def fit_baseline(name: str, pdata: ProtocolData, run_dir: str, *, quick: bool = 
   write_jsonl(os.path.join(run_dir, "metrics.jsonl"),
               [{"step": e + 1, "loss": loss} for e, loss in enumerate(tuned.losses)])
   info = {"params": tuned.params, "epochs": tuned.epochs, "valid_NDCG@10": tuned.valid_ndcg}
+  chosen = [row for row in tuned.log if all(row.get(k) == v for k, v in tuned.params.items())]
+  if len(chosen) > 1:   # an iterative model's valid curve at the chosen grid point
+    info["valid_curve"] = [{"epoch": row["epochs"], "NDCG@10": row["NDCG@10"]} for row in chosen]
   with open(os.path.join(run_dir, "tune.json"), "w", encoding="utf-8") as f:
     json.dump({**info, "log": tuned.log}, f, indent=1)
   return model.ranker(), info
@@ -100,13 +103,43 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
   config = content_config(name, base, pdata.protocol, pdata.seed, steps=steps, quick=quick)
   text_len = config.data.get("text_len")
   fit = _with_catalogue(pdata.fit, pdata.fit.catalogue, text_len)
-  trained = train.train_model(config, run_dir, dataset=fit)
+  info: dict[str, Any] = {"num_steps": config.num_steps, "batch_size": config.batch_size}
+  stop_step = None
+  settings = train.ValidationSettings.from_config(config)
+  metric = settings.metric
+  if settings.every and len(fit.valid) == 0:
+    # The final fit has no valid split (train + valid merged): choose its length on valid with
+    # a train-only fit first, then refit for the same number of epochs, with the schedule
+    # stretched alike (how the baselines choose their epochs).
+    tune = _with_catalogue(pdata.tune, pdata.tune.catalogue, text_len)
+    selected = train.train_model(config, os.path.join(run_dir, "select"), dataset=tune)
+    ratio = _rows_per_epoch(config, fit) / _rows_per_epoch(config, tune)
+    stop_step = max(1, round(selected.best["step"] * ratio))
+    config.num_steps = max(stop_step, round(config.num_steps * ratio))
+    config.validation.every = 0
+    info.update(_selection_info(selected, metric), refit_steps=stop_step)
+  trained = train.train_model(config, run_dir, dataset=fit, stop_step=stop_step)
+  if trained.best is not None:
+    info.update(_selection_info(trained, metric))
+  info["epochs"] = round(trained.last_step * config.batch_size / _rows_per_epoch(config, fit), 3)
   catalogue = _with_catalogue(fit, pdata.catalogue, text_len).catalogue
   ranker = model_eval.model_ranker(trained.model, fit, catalogue,
                                    history_len=config.model.user.history_len,
                                    chunk=config.eval_block_size)
-  info = {"num_steps": config.num_steps, "batch_size": config.batch_size}
   return ranker, trained.model, catalogue, info
+
+
+def _rows_per_epoch(config: ml_collections.ConfigDict, dataset: RecDataset) -> int:
+  return pipeline.examples_per_epoch(examples.TrainExampleIndex.build(dataset),
+                                     config.data.get("example", "interaction"))
+
+
+def _selection_info(trained: train.TrainedModel, metric: str) -> dict[str, Any]:
+  """What validation chose: the best step, its epochs and scores, and the whole valid curve."""
+  return {"best_step": trained.best["step"], "epochs_to_best": trained.best["epoch"],
+          f"valid_{metric}": trained.best[metric], "stopped_at": trained.last_step,
+          "valid_curve": [{k: row[k] for k in ("step", "epoch", metric)}
+                          for row in trained.valid_history]}
 
 
 def retrieval_metrics(model: Any, catalogue: Catalogue, items: np.ndarray,

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
   from recfusion_jax.benchmark.runner import Options
 
 
+FIT_LENGTH_KEYS = ("epochs", "epochs_to_best")
+
+
 def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
   """{protocol: {model: {metric: mean, metric_std: sample std, num_seeds, wall_s}}}."""
   grouped: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -34,6 +37,12 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[
                           np.float64)
       entry[key] = float(np.mean(values))
       entry[key + "_std"] = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+    # How long each fit trained (epochs; epochs_to_best where validation chose the length).
+    for key in FIT_LENGTH_KEYS:
+      values = [row.get("info", {}).get(key) for row in rows]
+      if values and all(isinstance(v, (int, float)) for v in values):
+        entry[key] = float(np.mean(values))
+        entry[key + "_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
     entry["num_seeds"] = len(rows)
     entry["wall_s"] = float(np.mean([row["wall_s"] for row in rows]))
     out.setdefault(protocol, {})[model] = entry
@@ -170,6 +179,28 @@ def write_plots(workdir: str, results: Mapping[str, Any], opts: "Options",
     fig.suptitle(f"training curves: {protocol}")
     fig.tight_layout()
     path = os.path.join(workdir, f"curves_{protocol}.png")
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    paths.append(path)
+
+  for protocol in opts.protocols:
+    runs = [r for r in records if r["protocol"] == protocol and r.get("info", {}).get("valid_curve")]
+    if not runs:
+      continue
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for k, model in enumerate(models):
+      for n, r in enumerate(rr for rr in runs if rr["model"] == model):
+        curve = r["info"]["valid_curve"]
+        metric = next(key for key in curve[0] if key not in ("step", "epoch"))
+        ax.plot([c["epoch"] for c in curve], [c[metric] for c in curve], color=f"C{k % 10}",
+                alpha=0.8, label=model if n == 0 else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"valid {metric}")
+    ax.set_title(f"valid curves (train-only fits): {protocol}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(workdir, f"valid_{protocol}.png")
     fig.savefig(path, dpi=90)
     plt.close(fig)
     paths.append(path)

@@ -136,6 +136,11 @@ def example_id_batches(num_examples: int, batch_size: int, *, seed: int,
   return grain.MapDataset.range(ids_of.num_batches()).map(ids_of)
 
 
+def examples_per_epoch(index: TrainExampleIndex, example: str = "interaction") -> int:
+  """Rows of one epoch: every train interaction, or every trained user for per-user rows."""
+  return index.num_examples if example == "interaction" else int(trained_users(index).size)
+
+
 def make_train_dataset(dataset: RecDataset, *, batch_size: int, history_len: int, seed: int,
                        num_epochs: int | None = None, process_index: int | None = None,
                        process_count: int | None = None,
