@@ -3,10 +3,11 @@
 One readable loop, in order:
   0. the config is checked (``config_validation.validate``) before anything loads or compiles;
   1. data set (``data.sources``) and Grain iterator (each process reads its share);
-  2. model + optimizer, split into (graphdef, state); the state is put on the mesh by the rules
-     in ``sharding.py``; the newest usable checkpoint, if any, is restored straight onto those
-     shardings and verified against its content fingerprint (``checkpointing``: an unusable
-     one is reported and the next older one tried);
+  2. model + optimizer, split into (graphdef, state), initialised under ``jax.jit`` straight
+     onto the mesh by the rules in ``sharding.py`` (``create_sharded_state``); the newest
+     usable checkpoint, if any, is restored straight onto those shardings and verified
+     against its content fingerprint (``checkpointing``: an unusable one is reported and the
+     next older one tried);
   3. the jitted train step with explicit in/out shardings and the state donated, behind
      ``guard_nonfinite``: a NaN/Inf loss term or gradient norm stops the run before any save
      (``nonfinite="stop"``) or drops that step's update (``"skip"``, counted and logged);
@@ -70,13 +71,55 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
 
 
 def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecFusion:
-  model = RecFusion(config.model, num_users=dataset.num_users,
-                    num_items=dataset.catalogue.num_items, rngs=nnx.Rngs(config.seed))
+  """The model, eagerly on the default device (evaluation, tools); training uses
+  ``create_sharded_state``, which never holds it whole on one device."""
+  model = _init_model(config, dataset)
+  _load_init_from(model, config)
+  return model
+
+
+def _init_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecFusion:
+  # Rngs made here, from the seed alone: eager and jitted inits draw identical values.
+  return RecFusion(config.model, num_users=dataset.num_users,
+                   num_items=dataset.catalogue.num_items, rngs=nnx.Rngs(config.seed))
+
+
+def _load_init_from(model: RecFusion, config: ml_collections.ConfigDict) -> None:
   if config.get("init_from"):
     from recfusion_jax.convert import load_pretrained_encoder  # pylint: disable=import-outside-toplevel
     report = load_pretrained_encoder(model.encoder, config.init_from)
     logging.info("initialised the encoder from %s: %s", config.init_from, report)
-  return model
+
+
+def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset, mesh: Any,
+                         tx: optax.GradientTransformation, *,
+                         min_elements: int = sharding.MIN_SHARD_ELEMENTS
+                         ) -> tuple[nnx.GraphDef, Any, Any]:
+  """(graphdef, state, state_shardings) of model + optimizer, born sharded on ``mesh``.
+
+  The shapes come from an abstract trace (nothing allocated), the shardings from
+  ``sharding.state_shardings``, and the values from the same init run under ``jax.jit`` with
+  those out_shardings: each device only ever materialises its own shards, so a model that
+  fits the mesh but not one device still starts. Every process runs the same program on the
+  global mesh, so no host value has to be placed (``put_global``). The random draws are
+  ``create_model``'s (XLA's fused init may round a value 1 ulp differently from op-by-op).
+  ``config.init_from`` then overwrites the encoder with the pretrained arrays, each placed on
+  its parameter's sharding.
+  """
+  def build():
+    model = _init_model(config, dataset)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+  state_shardings = sharding.state_shardings(abstract_state, mesh, min_elements)
+  state = jax.jit(lambda: nnx.split(build())[1], out_shardings=state_shardings)()
+  if config.get("init_from"):
+    # Adam's moments start at zero whatever the weights are: loading after the optimizer
+    # is built gives the eager path's state.
+    model, optimizer = nnx.merge(graphdef, state)
+    _load_init_from(model, config)
+    state = nnx.state((model, optimizer))
+  return graphdef, state, state_shardings
 
 
 def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive_weight: float,
@@ -427,13 +470,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
       example=config.data.get("example", "interaction"),
       target_share=config.data.get("target_share", 0.2))
 
-  model = create_model(config, dataset)
   tx, schedule = make_optimizer(config, config.num_steps)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
-  state_shardings = sharding.state_shardings(state, mesh)
+  graphdef, state, state_shardings = create_sharded_state(config, dataset, mesh, tx)
   logging.info("state on mesh %s: %s", dict(mesh.shape), sharding.describe(state, state_shardings))
-  state = sharding.put_global(state, state_shardings)
 
   settings = ValidationSettings.from_config(config)
   best_key = VALID_PREFIX + settings.metric
@@ -474,7 +513,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   report_progress = periodic_actions.ReportProgress(
       num_train_steps=end_step, writer=writer, every_steps=config.log_every,
       every_secs=None)
-  names = source_names(model)
+  names = source_names(nnx.merge(graphdef, state)[0])   # static attributes; no copy
   if start_step == 0:
     state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
 

@@ -1,31 +1,36 @@
-"""The sharded train step equals the single-device one (8 devices: 4 data x 2 fsdp)."""
+"""Sharded training state (8 simulated devices).
+
+The sharded train step equals the single-device one (4 data x 2 fsdp); model + optimizer are
+born sharded (``train.create_sharded_state``, 2 data x 4 fsdp): each device holds a quarter of
+every split leaf, the values equal the eager init, ``init_from`` lands on the shardings.
+"""
+
+import types
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
 from recfusion_jax import sharding, train
-from recfusion_jax.models.recfusion import RecFusion
+from recfusion_jax.convert import checkpoint as convert_checkpoint
 from tests.helpers import random_batch, tiny_config
 
 NUM_USERS, NUM_ITEMS, BATCH = 24, 64, 16
 
 
-def _setup(config):
-  model = RecFusion(config.model, num_users=NUM_USERS, num_items=NUM_ITEMS,
-                    rngs=nnx.Rngs(config.seed))
-  tx, schedule = train.make_optimizer(config, num_steps=10)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
-  return graphdef, state, schedule
+def _dataset(num_users, num_items):
+  # create_sharded_state only reads the table sizes of a RecDataset.
+  return types.SimpleNamespace(num_users=num_users,
+                               catalogue=types.SimpleNamespace(num_items=num_items))
 
 
 def _run(config, mesh, steps=2, full_catalogue=False):
-  graphdef, state, schedule = _setup(config)
-  shardings = sharding.state_shardings(state, mesh, min_elements=64)
-  state = jax.device_put(state, shardings)
+  tx, schedule = train.make_optimizer(config, num_steps=10)
+  graphdef, state, shardings = train.create_sharded_state(
+      config, _dataset(NUM_USERS, NUM_ITEMS), mesh, tx, min_elements=64)
   step = train.jit_train_step(graphdef, shardings, mesh, contrastive_weight=0.5,
                               schedule=schedule, full_catalogue=full_catalogue)
   losses = []
@@ -34,6 +39,10 @@ def _run(config, mesh, steps=2, full_catalogue=False):
                            sharding.batch_sharding(mesh))
     state, metrics = step(state, batch)
     losses.append(float(metrics["total_loss"]))
+  # The step's out_shardings keep the state where the init put it.
+  for x, s in zip(jax.tree.leaves(state),
+                  jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))):
+    assert x.sharding.is_equivalent_to(s, x.ndim), (x.shape, x.sharding, s)
   return state, losses, shardings
 
 
@@ -70,3 +79,130 @@ def test_sharded_step_matches_single_device(fsdp, full_catalogue):
     else:
       np.testing.assert_array_equal(a, b, err_msg=sharding.path_name(path))
   assert compared > 50
+
+
+FSDP = 4
+
+
+def _is_key(x):
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _is_split(s):
+  return "fsdp" in tuple(s.spec)
+
+
+def _bytes_on(device, x):
+  return sum(s.data.nbytes for s in x.addressable_shards if s.device == device)
+
+
+@pytest.fixture(scope="module")
+def born_sharded(tmp_path_factory):
+  """(config, data, tx, state, shardings): a tiny model with dims big enough for the default
+  sharding threshold (MIN_SHARD_ELEMENTS), as in training, and a pretrained encoder checkpoint
+  (``init_from``) for a few of its parameters. No test donates the state."""
+  assert jax.device_count() == 8, "tests/conftest.py forces 8 CPU devices"
+  config = tiny_config(**{"model.embed_dim": 128, "model.encoder.width": 128,
+                          "model.encoder.mlp_dim": 256})
+  config.init_from = str(_write_pretrained(tmp_path_factory.mktemp("pretrained"), config))
+  data = _dataset(num_users=256, num_items=512)
+  mesh = sharding.make_mesh(data=2, fsdp=FSDP)
+  tx, _ = train.make_optimizer(config, 10)
+  _, state, shardings = train.create_sharded_state(config, data, mesh, tx)
+  return config, data, tx, state, shardings
+
+
+def _pretrained(config):
+  e = config.model.encoder
+  rng = np.random.default_rng(0)
+  shapes = {"trunk/layers/0/mlp_in/kernel": (e.width, e.mlp_dim),
+            "text_stem/word_embeddings/embedding": (e.text.vocab_size, e.width),
+            "trunk/final_norm/scale": (e.width,)}
+  return {path: rng.normal(size=shape).astype(np.float32) for path, shape in shapes.items()}
+
+
+def _write_pretrained(directory, config):
+  """A converted-encoder checkpoint (only the params/ tree that init_from reads)."""
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(directory / convert_checkpoint.PARAMS_DIR,
+            convert_checkpoint._nest(_pretrained(config)))  # pylint: disable=protected-access
+  ckpt.wait_until_finished()
+  return directory
+
+
+def test_sharded_init_holds_a_quarter_per_device(born_sharded):
+  *_, state, shardings = born_sharded
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  specs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  assert len(leaves) == len(specs)
+  named = {sharding.path_name(p): (x, s) for (p, x), s in zip(leaves, specs)}
+  devices = list(jax.devices())
+  split_bytes = whole_bytes = 0
+  for name, (x, s) in named.items():
+    assert x.sharding.is_equivalent_to(s, x.ndim), name
+    if _is_key(x):   # the dropout streams' PRNG keys come out of the jit, replicated
+      assert tuple(s.spec) == (), name
+      continue
+    for device in devices:
+      want = x.nbytes // FSDP if _is_split(s) else x.nbytes
+      assert _bytes_on(device, x) == want, (name, device)
+    if _is_split(s):
+      split_bytes += x.nbytes
+    else:
+      whole_bytes += x.nbytes
+      # Replicated: small, or a patch / tubelet conv kernel (PARAM_RULES split 2-D only).
+      assert x.size < sharding.MIN_SHARD_ELEMENTS or x.ndim > 2, (name, x.shape)
+
+  # Every large table and matrix is split, and so are both of its Adam moments.
+  big_params = [n[2:] for n, (x, _) in named.items()
+                if n.startswith("0/") and not _is_key(x) and x.ndim == 2
+                and x.size >= sharding.MIN_SHARD_ELEMENTS]
+  assert len(big_params) >= 20
+  for param in big_params:
+    moments = [n for n in named if n.endswith(("/mu/" + param, "/nu/" + param))]
+    assert len(moments) == 2, param
+    for n in ["0/" + param, *moments]:
+      assert _is_split(named[n][1]), n
+
+  per_device = {sum(_bytes_on(d, x) for x, _ in named.values() if not _is_key(x))
+                for d in devices}
+  total, want = split_bytes + whole_bytes, split_bytes // FSDP + whole_bytes
+  assert per_device == {want}
+  assert sharding.describe(state, shardings)["bytes_per_device"] == want
+  assert whole_bytes < 0.1 * total, (whole_bytes, total)
+  print(f"state {total} bytes: {per_device.pop()} per device ({split_bytes} split over "
+        f"fsdp={FSDP}, {whole_bytes} replicated)")
+
+
+def test_sharded_init_equals_eager_init(born_sharded):
+  config, data, tx, state, _ = born_sharded
+  model = train.create_model(config, data)
+  eager = nnx.state((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+  eager_leaves = dict(jax.tree_util.tree_flatten_with_path(eager)[0])
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  assert len(eager_leaves) == len(leaves)
+  bitwise = 0
+  for path, x in leaves:
+    y = eager_leaves[path]
+    if _is_key(x):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, sharding.path_name(path)
+    bitwise += np.array_equal(x, y)
+    if x.dtype.kind == "f":
+      # The same random bits; XLA's fused init rounds a few values 1 ulp away from op-by-op.
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=0, err_msg=sharding.path_name(path))
+    else:
+      np.testing.assert_array_equal(x, y, err_msg=sharding.path_name(path))
+  assert bitwise > len(leaves) // 2
+
+
+def test_init_from_lands_on_the_shardings(born_sharded):
+  config, *_, state, _ = born_sharded
+  for path, want in _pretrained(config).items():
+    node = state[0]["encoder"]
+    for key in path.split("/"):
+      node = node[int(key) if key.isdigit() else key]
+    np.testing.assert_array_equal(np.asarray(node[...]), want, err_msg=path)
+    # Placed on the parameter's own sharding (the 1-D scale is below the split threshold).
+    assert _is_split(node[...].sharding) == (node[...].ndim == 2), path

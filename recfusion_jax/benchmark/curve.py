@@ -60,11 +60,9 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
       seed=config.seed, num_workers=0, index=index, log_q=examples.item_log_q(fit),
       history=config.data.get("history", "earlier"), example=example,
       target_share=config.data.get("target_share", 0.2))
-  model = train.create_model(config, fit)
   tx, schedule = train.make_optimizer(config, steps)
-  graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-  shardings = sharding.state_shardings(state, mesh)
-  state = sharding.put_global(state, shardings)
+  # train_model's init, so the curve's last row is the runner's score to the last bit.
+  graphdef, state, shardings = train.create_sharded_state(config, fit, mesh, tx)
   step_fn = train.jit_train_step(
       graphdef, shardings, mesh, contrastive_weight=config.contrastive_weight,
       schedule=schedule, logq_weight=config.get("logq_weight", 1.0),

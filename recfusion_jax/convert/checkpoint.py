@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from recfusion_jax import sharding
 from recfusion_jax.convert.hf import HFCheckpoint, encoder_config_from_hf, read_hf_checkpoint, \
     select_towers
 from recfusion_jax.convert.mapping import ConversionReport, import_hf_checkpoint, path_str
@@ -191,9 +192,11 @@ def load_pretrained_encoder(encoder: ContentEncoder, ckpt_dir: str | os.PathLike
       continue
     variable = params[path]
     old = variable.get_value()
-    new = jnp.asarray(value, dtype=old.dtype)
-    if hasattr(old, "sharding"):
-      new = jax.device_put(new, old.sharding)
+    if isinstance(old, jax.Array):
+      # Every process read the same file: each supplies its own shards of the global array.
+      new = sharding.put_global(np.asarray(value).astype(old.dtype), old.sharding)
+    else:
+      new = jnp.asarray(value, dtype=old.dtype)
     variable.set_value(new)  # nnx.state hands out the module's own Variables: writes through
     loaded.append(path)
   return LoadReport(loaded=loaded, missing=sorted(set(params) - set(stored)),
