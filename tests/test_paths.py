@@ -22,6 +22,7 @@ from etils.epath import gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
 from recfusion_jax import checkpointing, paths, writers
+from recfusion_jax.data import mmrec, splits
 
 BUCKET = "gs://bucket"
 
@@ -121,3 +122,27 @@ def test_metrics_jsonl_in_a_bucket(fake_gcs):
   assert sorted(fake_gcs.store) == ["bucket/run/metrics.jsonl"]   # the .tmp was renamed
   writer.write_scalars(3, {"loss": 2.0})   # the resumed run appends again
   assert writers.read_jsonl(workdir)[-1] == {"step": 3, "loss": 2.0}
+
+
+def test_data_in_a_bucket(fake_gcs):
+  """MMRec data (TSV, .npy) and split TSVs written and read back on gs://."""
+  data_dir = f"{BUCKET}/data/baby"
+  log = {"user": np.array([0, 0, 1, 1]), "item": np.array([0, 1, 1, 2]),
+         "rating": np.ones(4), "timestamp": np.arange(4), "label": np.array([0, 2, 0, 1])}
+  text = np.arange(6, dtype=np.float32).reshape(3, 2) + 1
+  mmrec.write_mmrec(data_dir, "baby", log, {"text": text}, item_names=["a", "b", "c"])
+  assert mmrec.inter_path(data_dir) == "gs://bucket/data/baby/baby.inter"
+  dataset, _ = mmrec.read_mmrec(data_dir, modalities=("text",))
+  assert dataset.name == "mmrec/baby"
+  np.testing.assert_array_equal(dataset.catalogue.features["text"], text)
+  assert mmrec.read_item_names(data_dir) == ["a", "b", "c"]
+
+  split = splits.Split(protocol="loo", seed=0, labels=np.array(["train", "test"]),
+                       meta={"positive_min_rating": None}, modality_mask=None)
+  split_log = splits.LogArrays(np.array([1, 2]), np.array([3, 4]), np.array([4.0, 5.0]),
+                               np.array([10, 20]))
+  written = splits.write_split(split, split_log, f"{BUCKET}/data/splits")
+  assert written["tsv"] == "gs://bucket/data/splits/loo/seed0.tsv"
+  back, labels = splits.read_split_tsv(written["tsv"])
+  np.testing.assert_array_equal(back.item, split_log.item)
+  assert labels.tolist() == ["train", "test"]
