@@ -21,7 +21,7 @@ from etils.epath import backend as epath_backend
 from etils.epath import gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
-from recfusion_jax import checkpointing, paths, writers
+from recfusion_jax import checkpointing, paths, serving, writers
 from recfusion_jax.data import mmrec, splits
 
 BUCKET = "gs://bucket"
@@ -146,3 +146,14 @@ def test_data_in_a_bucket(fake_gcs):
   back, labels = splits.read_split_tsv(written["tsv"])
   np.testing.assert_array_equal(back.item, split_log.item)
   assert labels.tolist() == ["train", "test"]
+
+
+def test_serving_arrays_in_a_bucket_and_a_local_loader(fake_gcs):
+  index = serving.save_arrays(epath.Path(f"{BUCKET}/export/weights"), {"a/b": np.eye(2)})
+  assert index["a/b"]["file"] == "a.b.npy"
+  with epath.Path(f"{BUCKET}/export/weights/a.b.npy").open("rb") as f:
+    np.testing.assert_array_equal(np.load(f), np.eye(2))
+  with pytest.raises(ValueError, match="epath"):
+    serving.save_arrays(f"{BUCKET}/export/weights", {})   # a str URI would land in ./gs:
+  with pytest.raises(ValueError, match="memory-maps"):
+    serving.Recommendations.load(f"{BUCKET}/export")
