@@ -22,6 +22,7 @@ from etils.epath import gpath
 from fsspec.implementations.memory import MemoryFileSystem
 
 from recfusion_jax import checkpointing, paths, serving, writers
+from recfusion_jax.benchmark import fit, report
 from recfusion_jax.data import mmrec, splits
 
 BUCKET = "gs://bucket"
@@ -157,3 +158,10 @@ def test_serving_arrays_in_a_bucket_and_a_local_loader(fake_gcs):
     serving.save_arrays(f"{BUCKET}/export/weights", {})   # a str URI would land in ./gs:
   with pytest.raises(ValueError, match="memory-maps"):
     serving.Recommendations.load(f"{BUCKET}/export")
+
+
+def test_benchmark_files_in_a_bucket(fake_gcs):
+  run_dir = epath.Path(f"{BUCKET}/bench/runs/loo/BPR/seed0")
+  fit.write_jsonl(run_dir / "metrics.jsonl", [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}])
+  assert report._read_curve(os.fspath(run_dir)) == (   # pylint: disable=protected-access
+      [1, 2], [2.0, 1.0], "loss")
