@@ -48,6 +48,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from recfusion_jax import paths
+
 FINGERPRINT_ITEM = "fingerprint"
 FINITE_KEY = "finite"   # metrics key: the step's loss and the saved state were finite
 
@@ -187,14 +189,14 @@ class Checkpointer:
   """``ocp.CheckpointManager`` with the project's items, retention and verified restore.
 
   Args:
-    directory: the checkpoint folder (created).
+    directory: the checkpoint folder (created): local, or a URI such as ``gs://bucket/run``.
     save_every: Orbax's save interval (``save`` with ``force=True`` saves at any step).
     keep: how many of the latest checkpoints to keep (plus the latest finite one).
   """
 
-  def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
-               best_metric: str | None = None):
-    self.directory = os.path.abspath(directory)
+  def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int,
+               async_save: bool = True, best_metric: str | None = None):
+    self.directory = paths.resolve(directory)
     policies: list[Any] = [checkpoint_managers.LatestN(n=keep), LatestFinite()]
     if best_metric is not None:
       # The best validated step is kept too; equal scores keep the earlier step (the loop's
@@ -273,8 +275,9 @@ class Checkpointer:
         "inspect the folder, then move it away to start over.")
 
   @property
-  def corrupt_directory(self) -> str:
-    return self.directory.rstrip("/") + ".corrupt"
+  def corrupt_directory(self) -> epath.Path:
+    """``<directory>.corrupt``, a sibling (``gs://b/run/checkpoints.corrupt`` for a bucket)."""
+    return self.directory.parent / f"{self.directory.name}.corrupt"
 
   def _try_restore(self, step: int, abstract_state: Any, data_iterator: Any | None,
                    fingerprint_fn: Callable[[Any], Any] | None
@@ -307,10 +310,10 @@ class Checkpointer:
   def _move_aside(self, steps: Sequence[int]) -> None:
     """Moves unusable step folders out of the manager's directory (process 0 renames)."""
     if jax.process_index() == 0:
-      target_root = epath.Path(self.corrupt_directory)
+      target_root = self.corrupt_directory
       target_root.mkdir(parents=True, exist_ok=True)
       for step in steps:
-        source = epath.Path(self.directory) / str(step)
+        source = self.directory / str(step)
         target = target_root / str(step)
         suffix = 1
         while target.exists():

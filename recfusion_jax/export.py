@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -122,12 +121,13 @@ def export_for_serving(model: RecFusion, dataset: RecDataset, out_dir: str | epa
       "content_inputs": {key: [str(v.dtype), list(v.shape[1:])] for key, v in example.items()},
       "text_vocab_size": text_vocab_size, "programs": list(programs),
   }
-  manifest["params"] = serving.save_arrays(str(out / "weights"), functions.params)
-  manifest["item_table"] = serving.save_arrays(str(out / "item_table"), tables["item_table"])
-  manifest["user_table"] = serving.save_arrays(str(out / "user_table"), tables["user_table"])
-  manifest["catalogue"] = serving.save_arrays(str(out / "catalogue"),
+  # epath.Path, not str: save_arrays then writes through epath (local or gs://).
+  manifest["params"] = serving.save_arrays(out / "weights", functions.params)
+  manifest["item_table"] = serving.save_arrays(out / "item_table", tables["item_table"])
+  manifest["user_table"] = serving.save_arrays(out / "user_table", tables["user_table"])
+  manifest["catalogue"] = serving.save_arrays(out / "catalogue",
                                               {"content_vector": tables["content_vector"]})
-  manifest["known"] = serving.save_arrays(str(out / "known"), {
+  manifest["known"] = serving.save_arrays(out / "known", {
       "indptr": tables["known_indptr"], "items": tables["known_items"]})
   names = item_names or [f"item {i}" for i in range(dataset.catalogue.num_items)]
   if len(names) != dataset.catalogue.num_items:
@@ -137,7 +137,7 @@ def export_for_serving(model: RecFusion, dataset: RecDataset, out_dir: str | epa
       encoding="utf-8")
   manifest["tokenizer"] = None
   if tokenizer is not None and tokenizer.get("file"):
-    shutil.copyfile(tokenizer["file"], out / "tokenizer.json")
+    epath.Path(tokenizer["file"]).copy(out / "tokenizer.json", overwrite=True)
     manifest["tokenizer"] = {"file": "tokenizer.json", "build_len": int(tokenizer["build_len"])}
   (out / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
   logging.info("exported %d programs for %s, %d parameter arrays, to %s", len(programs),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -42,20 +43,41 @@ USER_BATCH = 256        # users scored per program call
 PAD = -1                # padding of item-id lists
 
 
-def save_arrays(directory: str, arrays: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-  """One ``.npy`` per array (name '/' -> '.'); returns {name: {file, shape, dtype}}."""
-  os.makedirs(directory, exist_ok=True)
+def save_arrays(directory: str | os.PathLike, arrays: Mapping[str, Any]
+                ) -> dict[str, dict[str, Any]]:
+  """One ``.npy`` per array (name '/' -> '.'); returns {name: {file, shape, dtype}}.
+
+  ``directory``: a local path, or any pathlib-like object (``mkdir``, ``/``, ``open``) such as
+  an ``etils.epath.Path`` for ``gs://`` -- duck-typed so this module needs no etils.
+  """
+  if isinstance(directory, str):
+    _require_local(directory, "pass a URI as an etils.epath.Path (a str is a local path)")
+    directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
   index = {}
   for name, value in arrays.items():
     value = np.asarray(value)
     filename = name.replace("/", ".") + ".npy"
-    np.save(os.path.join(directory, filename), value)
+    with (directory / filename).open("wb") as f:
+      np.save(f, value)
     index[name] = {"file": filename, "shape": list(value.shape), "dtype": str(value.dtype)}
   return index
 
 
+_LOCAL_ONLY = ("the loader memory-maps local files: copy the export to a local folder first "
+               "(gsutil -m cp -r)")
+
+
+def _require_local(path: str | os.PathLike, why: str) -> None:
+  # os and np.load would take gs://b/x for a local folder "gs:" and fail with a confusing error.
+  if "://" in os.fspath(path):
+    raise ValueError(f"{path}: {why}")
+
+
 def load_arrays(directory: str, index: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray]:
-  """The arrays of ``save_arrays``' index, memory-mapped; shapes and dtypes checked."""
+  """The arrays of ``save_arrays``' index, memory-mapped (so ``directory`` is local); shapes
+  and dtypes checked."""
+  _require_local(directory, _LOCAL_ONLY)
   out = {}
   for name, entry in index.items():
     value = np.load(os.path.join(directory, entry["file"]), mmap_mode="r")
@@ -164,7 +186,11 @@ class Recommendations:
 
   @classmethod
   def load(cls, export_dir: str, device: jax.Device | None = None) -> "Recommendations":
-    """Reads an export directory; parameters are placed on ``device`` (default: the first)."""
+    """Reads an export directory; parameters are placed on ``device`` (default: the first).
+
+    ``export_dir`` is local: the arrays are memory-mapped (``gsutil cp -r`` a gs:// export).
+    """
+    _require_local(export_dir, _LOCAL_ONLY)
     with open(os.path.join(export_dir, "manifest.json"), encoding="utf-8") as f:
       manifest = json.load(f)
     if manifest.get("format") != FORMAT:

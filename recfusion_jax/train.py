@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 
 from clu import periodic_actions
@@ -251,7 +252,7 @@ EXIT_PREEMPTED = 75   # launch/common.sh RECFUSION_EXIT_PREEMPTED: "rerun the co
 class Preempted(Exception):
   """SIGTERM/SIGINT or a multi-host preemption notice ended training after a checkpoint."""
 
-  def __init__(self, step: int, reason: str, workdir: str):
+  def __init__(self, step: int, reason: str, workdir: str | os.PathLike):
     self.step, self.reason = step, reason
     super().__init__(f"{reason}: checkpoint of step {step} committed in {workdir}; run the "
                      "same command again to resume from it")
@@ -437,7 +438,7 @@ def _is_train_row(row: Mapping[str, Any]) -> bool:
   return "total_loss" in row
 
 
-def train_model(config: ml_collections.ConfigDict, workdir: str,
+def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 dataset: RecDataset | None = None, stop_step: int | None = None
                 ) -> TrainedModel:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints); no final evaluation.
@@ -453,7 +454,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   config_validation.validate(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
   end_step = config.num_steps if stop_step is None else min(stop_step, config.num_steps)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(workdir)   # local or gs://
+  workdir.mkdir(parents=True, exist_ok=True)
   dataset = sources.load_dataset(config) if dataset is None else dataset
   logging.info("data %s: %d users, %d items, %d train / %d valid / %d test, %d cold items",
                dataset.name, dataset.num_users, dataset.catalogue.num_items, len(dataset.train),
@@ -477,7 +479,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
   settings = ValidationSettings.from_config(config)
   best_key = VALID_PREFIX + settings.metric
   ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), save_every=config.checkpoint_every,
+      workdir / "checkpoints", save_every=config.checkpoint_every,
       keep=config.keep_checkpoints, best_metric=best_key if settings.every else None)
   fingerprint_fn = checkpointing.make_fingerprint_fn(mesh)
   abstract_state = checkpointing.abstract_like(state, state_shardings)
@@ -615,7 +617,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str,
                       tracker.best, step)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike
+                       ) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates the result."""
   trained = train_model(config, workdir)
   # With one process the evaluation is sharded over the mesh; with several, every process ranks
@@ -630,7 +633,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if trained.skipped_steps:
     results["skipped_steps"] = trained.skipped_steps
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-      json.dump(results, f, indent=2)
+    (epath.Path(workdir) / "results.json").write_text(json.dumps(results, indent=2))
   logging.info("evaluation: %s", {k: v for k, v in results.items() if k != "train_history"})
   return results

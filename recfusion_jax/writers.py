@@ -16,6 +16,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 from clu import metric_writers
+from etils import epath
+
+from recfusion_jax import paths
 
 JSONL_NAME = "metrics.jsonl"
 
@@ -25,14 +28,15 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   Written by hand because clu has no JSON-lines writer. Non-scalar summaries (images,
   histograms, ...) belong in TensorBoard; this file holds scalars only and ignores them.
+  ``path`` may be on an object store (``paths.append_text`` rewrites the object there, fine at
+  one row per ``log_every`` steps).
   """
 
-  def __init__(self, path: str):
-    self.path = path
+  def __init__(self, path: str | os.PathLike):
+    self.path = epath.Path(path)
 
   def _append(self, row: Mapping[str, Any]) -> None:
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(row) + "\n")
+    paths.append_text(self.path, json.dumps(row) + "\n")
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     self._append({"step": int(step), **{k: float(np.asarray(v)) for k, v in scalars.items()}})
@@ -66,14 +70,16 @@ class JsonlWriter(metric_writers.MetricWriter):
     pass
 
 
-def create_writer(workdir: str) -> metric_writers.MetricWriter:
+def create_writer(workdir: str | os.PathLike) -> metric_writers.MetricWriter:
   """Console on every process; TensorBoard + metrics.jsonl on process 0 only."""
   if jax.process_index() != 0:
     return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = epath.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   return metric_writers.MultiWriter([
-      metric_writers.create_default_writer(workdir, asynchronous=False),
-      JsonlWriter(os.path.join(workdir, JSONL_NAME))])
+      # clu's summary writer goes through tf.io.gfile, which reads gs:// itself: a string.
+      metric_writers.create_default_writer(os.fspath(workdir), asynchronous=False),
+      JsonlWriter(workdir / JSONL_NAME)])
 
 
 class _QuietLibraries(logging.Filter):
@@ -98,28 +104,27 @@ def setup_logging() -> None:
   logging.getLogger("jax._src").setLevel(logging.WARNING)
 
 
-def read_jsonl(workdir: str) -> list[dict[str, Any]]:
+def read_jsonl(workdir: str | os.PathLike) -> list[dict[str, Any]]:
   """The rows of ``workdir/metrics.jsonl`` ([] when there is none)."""
-  path = os.path.join(workdir, JSONL_NAME)
-  if not os.path.exists(path):
+  path = epath.Path(workdir) / JSONL_NAME
+  if not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def truncate_jsonl(workdir: str, last_step: int) -> list[dict[str, Any]]:
+def truncate_jsonl(workdir: str | os.PathLike, last_step: int) -> list[dict[str, Any]]:
   """Drops the rows of steps after ``last_step`` from ``metrics.jsonl``; returns the kept rows.
 
   A run resumed from the checkpoint of ``last_step`` writes those steps again, so the file
   continues without duplicate steps. Rows without a step (hparams) are kept. The file is
-  replaced atomically (write + rename), so a kill during the rewrite loses nothing.
+  replaced by write + rename, so a kill during the rewrite loses nothing (atomic on a local
+  disk; on GCS the rename is a copy that replaces the object whole, then a delete).
   """
   rows = read_jsonl(workdir)
   kept = [row for row in rows if row.get("step", last_step) <= last_step]
   if len(kept) != len(rows):
-    path = os.path.join(workdir, JSONL_NAME)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      for row in kept:
-        f.write(json.dumps(row) + "\n")
-    os.replace(path + ".tmp", path)
+    path = epath.Path(workdir) / JSONL_NAME
+    tmp = path.parent / f"{JSONL_NAME}.tmp"
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    tmp.replace(path)
   return kept

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from absl import app
 from absl import flags
+from etils import epath
 import jax
 from ml_collections import config_flags
 
@@ -98,7 +99,8 @@ def options_from_flags(argv: Sequence[str]) -> tuple[Options, str]:
       shard=(k, n), merge=_MERGE.value, steps=_STEPS.value, quick=_QUICK.value,
       split=_SPLIT.value, refit=not _NO_REFIT.value, command=command)
   cache = _COMPILATION_CACHE.value
-  return opts, os.path.join(opts.workdir, "jax_cache") if cache is None else cache
+  # JAX's compilation cache goes through etils.epath itself, so a gs:// cache works too.
+  return opts, os.fspath(epath.Path(opts.workdir) / "jax_cache") if cache is None else cache
 
 
 def main(argv: Sequence[str]) -> None:

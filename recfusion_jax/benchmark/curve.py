@@ -25,7 +25,7 @@ from etils import epath
 from flax import nnx
 from ml_collections import config_flags
 
-from recfusion_jax import model_eval, sharding, train
+from recfusion_jax import model_eval, paths, sharding, train
 from recfusion_jax.baselines.common import rank_split
 from recfusion_jax.benchmark import protocols, registry
 from recfusion_jax.benchmark.fit import _with_catalogue, content_config
@@ -109,8 +109,7 @@ def main(argv: Sequence[str]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"model": f.model, "protocol": f.protocol, "seed": f.seed,
               "argv": sys.argv[1:], "best": best, "curve": curve}
-    with out.open("a") as f:
-      f.write(json.dumps(record) + "\n")
+    paths.append_text(out, json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from recfusion_jax import config_lib, evaluate, model_eval, train
 from recfusion_jax.baselines import chance
@@ -33,14 +34,12 @@ def evaluate_ranker(ranker: Ranker, pdata: ProtocolData) -> dict[str, float]:
   return out
 
 
-def write_jsonl(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
+def write_jsonl(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+  epath.Path(path).write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def fit_baseline(name: str, pdata: ProtocolData, run_dir: str, *, quick: bool = False
-                 ) -> tuple[Ranker, dict[str, Any]]:
+def fit_baseline(name: str, pdata: ProtocolData, run_dir: str | os.PathLike, *,
+                 quick: bool = False) -> tuple[Ranker, dict[str, Any]]:
   """Tunes on valid, refits, writes the final fit's loss curve; returns (ranker, info)."""
   spec = registry.BASELINES[name]
   grid, max_epochs, eval_every = spec.grid, spec.max_epochs, spec.eval_every
@@ -51,15 +50,15 @@ def fit_baseline(name: str, pdata: ProtocolData, run_dir: str, *, quick: bool = 
     factory = functools.partial(factory, seed=pdata.seed)
   model, tuned = tune_and_fit(factory, pdata.tune, pdata.fit, grid, max_epochs=max_epochs,
                               eval_every=eval_every)
-  os.makedirs(run_dir, exist_ok=True)
-  write_jsonl(os.path.join(run_dir, "metrics.jsonl"),
+  run_dir = epath.Path(run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  write_jsonl(run_dir / "metrics.jsonl",
               [{"step": e + 1, "loss": loss} for e, loss in enumerate(tuned.losses)])
   info = {"params": tuned.params, "epochs": tuned.epochs, "valid_NDCG@10": tuned.valid_ndcg}
   chosen = [row for row in tuned.log if all(row.get(k) == v for k, v in tuned.params.items())]
   if len(chosen) > 1:   # an iterative model's valid curve at the chosen grid point
     info["valid_curve"] = [{"epoch": row["epochs"], "NDCG@10": row["NDCG@10"]} for row in chosen]
-  with open(os.path.join(run_dir, "tune.json"), "w", encoding="utf-8") as f:
-    json.dump({**info, "log": tuned.log}, f, indent=1)
+  (run_dir / "tune.json").write_text(json.dumps({**info, "log": tuned.log}, indent=1))
   return model.ranker(), info
 
 
@@ -97,8 +96,8 @@ def _with_catalogue(dataset: RecDataset, catalogue: Catalogue, text_len: int | N
 
 
 def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.ConfigDict,
-                      run_dir: str, *, steps: int | None = None, quick: bool = False
-                      ) -> tuple[Ranker, Any, Catalogue, dict[str, Any]]:
+                      run_dir: str | os.PathLike, *, steps: int | None = None,
+                      quick: bool = False) -> tuple[Ranker, Any, Catalogue, dict[str, Any]]:
   """Trains (or resumes) a RecFusion config; returns (ranker, model, eval catalogue, info)."""
   config = content_config(name, base, pdata.protocol, pdata.seed, steps=steps, quick=quick)
   text_len = config.data.get("text_len")
@@ -112,7 +111,7 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
     # a train-only fit first, then refit for the same number of epochs, with the schedule
     # stretched alike (how the baselines choose their epochs).
     tune = _with_catalogue(pdata.tune, pdata.tune.catalogue, text_len)
-    selected = train.train_model(config, os.path.join(run_dir, "select"), dataset=tune)
+    selected = train.train_model(config, epath.Path(run_dir) / "select", dataset=tune)
     ratio = _rows_per_epoch(config, fit) / _rows_per_epoch(config, tune)
     stop_step = max(1, round(selected.best["step"] * ratio))
     config.num_steps = max(stop_step, round(config.num_steps * ratio))

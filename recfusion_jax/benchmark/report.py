@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from recfusion_jax.benchmark import registry
 from recfusion_jax.benchmark.registry import (ABLATION_GROUP, BASELINES, HEADLINE, RETRIEVAL,
@@ -82,8 +83,9 @@ def _table(results: Mapping[str, Mapping[str, float]], models: Sequence[str],
   return lines
 
 
-def write_markdown(path: str, results: Mapping[str, Any], opts: "Options", machine: str,
-                   total_wall_s: float, plots: Sequence[str]) -> None:
+def write_markdown(path: str | os.PathLike, results: Mapping[str, Any], opts: "Options",
+                   machine: str, total_wall_s: float, plots: Sequence[str | os.PathLike]
+                   ) -> None:
   """RESULTS.md: command, machine, protocol notes and one table per protocol."""
   lines = [f"# RecFusion-JAX benchmark: {opts.suite}", "",
            f"- command: `{opts.command}`",
@@ -128,37 +130,44 @@ def write_markdown(path: str, results: Mapping[str, Any], opts: "Options", machi
       lines += ["", f"Not applicable: {', '.join(skipped)}."]
     lines.append("")
   if plots:
-    lines += ["## Plots", ""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})"
-                                 for p in plots] + [""]
-  with open(path, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
+    names = [epath.Path(p).name for p in plots]
+    lines += ["## Plots", ""] + [f"![{name}]({name})" for name in names] + [""]
+  epath.Path(path).write_text("\n".join(lines))
 
 
-def _read_curve(run_dir: str) -> tuple[list[float], list[float], str]:
+def _read_curve(run_dir: str | os.PathLike) -> tuple[list[float], list[float], str]:
   """(steps, values, name) of the loss in a run's metrics.jsonl (rec_loss for RecFusion)."""
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = epath.Path(run_dir) / "metrics.jsonl"
+  if not path.exists():
     return [], [], ""
-  with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
   key = "rec_loss" if any("rec_loss" in r for r in rows) else "loss"
   last = {int(r["step"]): float(r[key]) for r in rows if key in r}  # a resumed run repeats steps
   return sorted(last), [last[s] for s in sorted(last)], key
 
 
-def write_plots(workdir: str, results: Mapping[str, Any], opts: "Options",
+def write_plots(workdir: str | os.PathLike, results: Mapping[str, Any], opts: "Options",
                 records: Sequence[Mapping[str, Any]]) -> list[str]:
   """Training curves per protocol and ablation bars of NDCG@10; returns the PNG paths."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
+  workdir = epath.Path(workdir)
   paths = []
+
+  def save(fig: Any, name: str) -> None:
+    # Through a file object: matplotlib writes local paths only, epath also writes gs://.
+    with (workdir / name).open("wb") as f:
+      fig.savefig(f, format="png", dpi=90)
+    plt.close(fig)
+    paths.append(os.fspath(workdir / name))
+
   for protocol in opts.protocols:
     if protocol == "retrieval" or protocol not in results:
       continue
     models = [m for m in opts.models if m in results[protocol]]
-    curves = {m: [(r["seed"], *_read_curve(os.path.join(workdir, r["run_dir"])))
+    curves = {m: [(r["seed"], *_read_curve(workdir / r["run_dir"]))
                   for r in records if r["protocol"] == protocol and r["model"] == m
                   and "run_dir" in r] for m in models}
     curves = {m: c for m, c in curves.items() if any(steps for _, steps, _, _ in c)}
@@ -178,10 +187,7 @@ def write_plots(workdir: str, results: Mapping[str, Any], opts: "Options",
       ax.axis("off")
     fig.suptitle(f"training curves: {protocol}")
     fig.tight_layout()
-    path = os.path.join(workdir, f"curves_{protocol}.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, f"curves_{protocol}.png")
 
   for protocol in opts.protocols:
     runs = [r for r in records if r["protocol"] == protocol and r.get("info", {}).get("valid_curve")]
@@ -200,10 +206,7 @@ def write_plots(workdir: str, results: Mapping[str, Any], opts: "Options",
     ax.set_title(f"valid curves (train-only fits): {protocol}")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = os.path.join(workdir, f"valid_{protocol}.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, f"valid_{protocol}.png")
 
   groups = [(p, "text_to_image_R@10" if p == "retrieval" else "NDCG@10") for p in opts.protocols
             if p in results and any(m in results[p] for m in ABLATION_GROUP)]
@@ -219,10 +222,7 @@ def write_plots(workdir: str, results: Mapping[str, Any], opts: "Options",
                          ha="right", fontsize=8)
       ax.set_title(f"{protocol}: {metric}", fontsize=9)
     fig.tight_layout()
-    path = os.path.join(workdir, "ablation_ndcg.png")
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    paths.append(path)
+    save(fig, "ablation_ndcg.png")
   return paths
 
 

@@ -51,7 +51,6 @@ Results are rewritten after every run.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import logging
@@ -61,6 +60,7 @@ from typing import Any, Mapping, Sequence
 
 import ml_collections
 import numpy as np
+from etils import epath
 
 from recfusion_jax.baselines.common import Ranker
 from recfusion_jax.benchmark import fit, protocols, report
@@ -108,7 +108,8 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
   if opts.config.data.source != opts.suite:
     raise ValueError(f"--suite {opts.suite} needs a config whose data.source is {opts.suite}, "
                      f"got {opts.config.data.source!r}")
-  os.makedirs(opts.workdir, exist_ok=True)
+  workdir = epath.Path(opts.workdir)   # local or gs://
+  workdir.mkdir(parents=True, exist_ok=True)
   machine = report.machine_description()
   if opts.merge:
     return _merge_shards(opts, machine)
@@ -118,9 +119,7 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
   jobs = shard_jobs(opts)
   k, n_shards = opts.shard
   if n_shards > 1:
-    with open(os.path.join(opts.workdir, f"command.{_shard_name(opts)}.txt"), "w",
-              encoding="utf-8") as f:
-      f.write(opts.command + "\n")
+    (workdir / f"command.{_shard_name(opts)}.txt").write_text(opts.command + "\n")
   logging.info("benchmark %s: %d runs%s on %s", opts.suite, len(jobs),
                f" (shard {k} of {n_shards})" if n_shards > 1 else "", machine)
   data_cache: dict[tuple[str, int], ProtocolData | None] = {}
@@ -147,7 +146,7 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     if fitted_on not in (protocol, data_protocol) and (
         fingerprints.get((fitted_on, seed)) != fingerprints[(data_protocol, seed)]):
       fitted_on = data_protocol   # not shown to be the same split: fit it separately
-    run_dir = os.path.join(opts.workdir, "runs", opts.split, fitted_on, model, f"seed{seed}")
+    run_dir = workdir / "runs" / opts.split / fitted_on / model / f"seed{seed}"
     tick = time.perf_counter()
     logging.info("[%d/%d] %s seed %d %s ...", n, len(jobs), protocol, seed, model)
     if model in BASELINES:
@@ -171,12 +170,12 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     logging.info("[%d/%d] %s seed %d %s: %s (%.1f s)", n, len(jobs), protocol, seed, model,
                  report.summary(metrics), wall)
     records.append({"protocol": protocol, "model": model, "seed": seed, "metrics": metrics,
-                    "wall_s": wall, "info": info, "run_dir": os.path.relpath(run_dir,
-                                                                             opts.workdir)})
+                    "wall_s": wall, "info": info,
+                    "run_dir": os.fspath(run_dir.relative_to(workdir))})
     _write_outputs(opts, records, machine, time.perf_counter() - start, plots=False)
   results = _write_outputs(opts, records, machine, time.perf_counter() - start, plots=True)
   logging.info("done in %.1f min: %s", (time.perf_counter() - start) / 60,
-               os.path.join(opts.workdir, "RESULTS.md"))
+               workdir / "RESULTS.md")
   return results
 
 
@@ -218,15 +217,16 @@ def _shard_name(opts: Options) -> str:
   return f"shard{k}of{n}.{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
-def _records_path(opts: Options) -> str:
+def _records_path(opts: Options) -> epath.Path:
   if opts.shard[1] == 1:
-    return os.path.join(opts.workdir, "results_per_seed.jsonl")
-  return os.path.join(opts.workdir, f"results_per_seed.{_shard_name(opts)}.jsonl")
+    return epath.Path(opts.workdir) / "results_per_seed.jsonl"
+  return epath.Path(opts.workdir) / f"results_per_seed.{_shard_name(opts)}.jsonl"
 
 
 def _merge_shards(opts: Options, machine: str) -> dict[str, Any]:
   """Combines every ``results_per_seed.shard*.jsonl`` in workdir into the outputs."""
-  paths = sorted(glob.glob(os.path.join(opts.workdir, "results_per_seed.shard*.jsonl")))
+  workdir = epath.Path(opts.workdir)
+  paths = sorted(workdir.glob("results_per_seed.shard*.jsonl"))
   if not paths:
     raise FileNotFoundError(f"no results_per_seed.shard*.jsonl in {opts.workdir}")
   # The suite's wall time: the shards of one invocation run side by side (its longest shard
@@ -234,16 +234,14 @@ def _merge_shards(opts: Options, machine: str) -> dict[str, Any]:
   records: list[dict[str, Any]] = []
   shard_sums: dict[str, list[float]] = {}
   for path in paths:
-    with open(path, encoding="utf-8") as f:
-      shard = [json.loads(line) for line in f if line.strip()]
+    shard = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     records += shard
-    digest = path.rsplit(".", 2)[-2]
+    digest = path.name.rsplit(".", 2)[-2]
     shard_sums.setdefault(digest, []).append(sum(r["wall_s"] for r in shard))
   wall_s = sum(max(sums) for sums in shard_sums.values())
   commands = []
-  for path in sorted(glob.glob(os.path.join(opts.workdir, "command.shard*.txt"))):
-    with open(path, encoding="utf-8") as f:
-      commands.append(f.read().strip())
+  for path in sorted(workdir.glob("command.shard*.txt")):
+    commands.append(path.read_text().strip())
   logging.info("merged %d runs from %d shards", len(records), len(paths))
   merged = dataclasses.replace(opts, shard=(0, 1),
                                command=" & ".join(commands + [opts.command]))
@@ -256,9 +254,8 @@ def _write_outputs(opts: Options, records: Sequence[Mapping[str, Any]], machine:
   fit.write_jsonl(_records_path(opts), records)
   if opts.shard[1] > 1:
     return results   # the shards' records are merged by a final --merge run
-  with open(os.path.join(opts.workdir, "results.json"), "w", encoding="utf-8") as f:
-    json.dump(results, f, indent=1)
-  paths = report.write_plots(opts.workdir, results, opts, records) if plots else []
-  report.write_markdown(os.path.join(opts.workdir, "RESULTS.md"), results, opts, machine,
-                        wall_s, paths)
+  workdir = epath.Path(opts.workdir)
+  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  paths = report.write_plots(workdir, results, opts, records) if plots else []
+  report.write_markdown(workdir / "RESULTS.md", results, opts, machine, wall_s, paths)
   return results

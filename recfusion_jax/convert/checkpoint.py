@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -23,8 +21,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
+from recfusion_jax import paths as paths_lib   # convert_hf has an argument named paths
 from recfusion_jax import sharding
 from recfusion_jax.convert.hf import HFCheckpoint, encoder_config_from_hf, read_hf_checkpoint, \
     select_towers
@@ -107,9 +107,10 @@ def _encoder_params(encoder: nnx.Module) -> dict[str, nnx.Variable]:
 
 
 def save_converted(converted: Converted, out_dir: str | os.PathLike, *,
-                   force: bool = False) -> Path:
-  """Writes params/ (Orbax), encoder.json and tokenizer/ under ``out_dir``; returns it."""
-  out = Path(out_dir).resolve()
+                   force: bool = False) -> epath.Path:
+  """Writes params/ (Orbax), encoder.json and tokenizer/ under ``out_dir`` (local or a URI);
+  returns it."""
+  out = paths_lib.resolve(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   params = _encoder_params(converted.encoder)
   tree = _nest({p: np.asarray(jax.device_get(params[p].get_value()))
@@ -127,7 +128,7 @@ def save_converted(converted: Converted, out_dir: str | os.PathLike, *,
     if files:
       (out / TOKENIZER_DIR).mkdir(exist_ok=True)
       for f in files:
-        shutil.copy2(f, out / TOKENIZER_DIR / f.name)
+        epath.Path(f).copy(out / TOKENIZER_DIR / f.name, overwrite=True)
       tokenizer = dict(dir=TOKENIZER_DIR, files=sorted(f.name for f in files))
   meta = dict(
       format=1,
@@ -145,7 +146,7 @@ def save_converted(converted: Converted, out_dir: str | os.PathLike, *,
 def load_encoder_config(ckpt_dir: str | os.PathLike
                         ) -> tuple[ml_collections.ConfigDict, tuple[str, ...]]:
   """(encoder config, converted modalities) of a converted checkpoint directory."""
-  meta = json.loads((Path(ckpt_dir) / CONFIG_FILE).read_text())
+  meta = json.loads((epath.Path(ckpt_dir) / CONFIG_FILE).read_text())
   return ml_collections.ConfigDict(meta["encoder"]), tuple(meta["modalities"])
 
 
@@ -174,7 +175,7 @@ def load_pretrained_encoder(encoder: ContentEncoder, ckpt_dir: str | os.PathLike
   more modalities than the checkpoint (e.g. video) keeps its fresh initialisation for those.
   Values keep the encoder's dtype and, for sharded encoders, its shardings.
   """
-  params_dir = Path(ckpt_dir).resolve() / PARAMS_DIR
+  params_dir = paths_lib.resolve(ckpt_dir) / PARAMS_DIR
   if not params_dir.is_dir():
     raise FileNotFoundError(f"{params_dir} does not exist: not a converted checkpoint "
                             "(python -m recfusion_jax.convert --hf ... --out DIR)")

@@ -14,17 +14,21 @@ Like MMRec (``filter_out_cod_start_users``), valid/test interactions of users wi
 interaction are dropped; every interaction is a positive whatever its rating. Items with no
 train interaction are cold items (scored from their features alone). An all-zero or
 non-finite feature row means the item lacks that modality. Every drop and every missing row is
-counted in the report that ``read_mmrec`` returns.
+counted in the report that ``read_mmrec`` returns. The directory may be local or a URI
+(``gs://...``): every file goes through ``etils.epath``.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from typing import Any
 
 import numpy as np
+from etils import epath
 
+from recfusion_jax import paths
 from recfusion_jax.data import types
 
 INTER_COLUMNS = ("userID", "itemID", "rating", "timestamp", "x_label")
@@ -35,29 +39,38 @@ ITEM_MAP = ("i_id_mapping.csv", "asin", "itemID")
 USER_MAP = ("u_id_mapping.csv", "user_id", "userID")
 
 
-def inter_path(data_dir: str, name: str | None = None) -> str:
+def _dir_name(data_dir: str | os.PathLike) -> str:
+  return paths.resolve(data_dir).name   # resolved: "." or "run/.." name a real folder
+
+
+def inter_path(data_dir: str | os.PathLike, name: str | None = None) -> str:
   """``<data_dir>/<name>.inter``; ``name`` defaults to the directory's own name (MMRec's layout)."""
-  name = name or os.path.basename(os.path.normpath(data_dir))
-  return os.path.join(data_dir, f"{name}.inter")
+  return os.fspath(epath.Path(data_dir) / f"{name or _dir_name(data_dir)}.inter")
 
 
-def read_inter(path: str) -> dict[str, np.ndarray]:
+def _tsv_reader(path: epath.Path) -> Any:
+  """csv rows of a tab-separated file, read as ``open(path, newline="")`` would read it."""
+  # epath's open() takes no newline=; decoding the bytes keeps "\r\n" for csv to handle.
+  return csv.reader(io.StringIO(path.read_bytes().decode("utf-8"), newline=""), delimiter="\t")
+
+
+def read_inter(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """The columns of an ``.inter`` file (rating 1.0 / timestamp = row order where absent)."""
-  if not os.path.exists(path):
+  path = epath.Path(path)
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found (MMRec layout: <dir>/<name>.inter)")
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.reader(f, delimiter="\t")
-    header = next(reader, None)
-    if header is None:
-      raise ValueError(f"{path} is empty")
-    # RecBole-style typed headers ("userID:token") name the same columns.
-    header = [h.split(":", 1)[0].strip() for h in header]
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
-    if missing:
-      raise ValueError(f"{path}: columns {missing} missing; header is {header}, MMRec's is "
-                       f"{list(INTER_COLUMNS)}")
-    col = {name: header.index(name) for name in INTER_COLUMNS if name in header}
-    rows = [r for r in reader if r]
+  reader = _tsv_reader(path)
+  header = next(reader, None)
+  if header is None:
+    raise ValueError(f"{path} is empty")
+  # RecBole-style typed headers ("userID:token") name the same columns.
+  header = [h.split(":", 1)[0].strip() for h in header]
+  missing = [c for c in REQUIRED_COLUMNS if c not in header]
+  if missing:
+    raise ValueError(f"{path}: columns {missing} missing; header is {header}, MMRec's is "
+                     f"{list(INTER_COLUMNS)}")
+  col = {name: header.index(name) for name in INTER_COLUMNS if name in header}
+  rows = [r for r in reader if r]
   bad = [k + 2 for k, r in enumerate(rows) if len(r) != len(header)]
   if bad:
     raise ValueError(f"{path}: {len(bad)} rows do not have {len(header)} fields, e.g. lines "
@@ -84,18 +97,17 @@ def read_inter(path: str) -> dict[str, np.ndarray]:
   return out
 
 
-def read_id_map(data_dir: str, spec: tuple[str, str, str]) -> list[str] | None:
+def read_id_map(data_dir: str | os.PathLike, spec: tuple[str, str, str]) -> list[str] | None:
   """Raw ids (position = dense id) of ``i_id_mapping.csv`` / ``u_id_mapping.csv``; None if absent."""
   filename, raw_col, id_col = spec
-  path = os.path.join(data_dir, filename)
-  if not os.path.exists(path):
+  path = epath.Path(data_dir) / filename
+  if not path.exists():
     return None
-  with open(path, encoding="utf-8", newline="") as f:
-    reader = csv.reader(f, delimiter="\t")
-    header = next(reader, [])
-    if raw_col not in header or id_col not in header:
-      raise ValueError(f"{path}: header {header}, expected columns {raw_col!r} and {id_col!r}")
-    rows = [r for r in reader if r]
+  reader = _tsv_reader(path)
+  header = next(reader, [])
+  if raw_col not in header or id_col not in header:
+    raise ValueError(f"{path}: header {header}, expected columns {raw_col!r} and {id_col!r}")
+  rows = [r for r in reader if r]
   ids = np.asarray([int(r[header.index(id_col)]) for r in rows], np.int64)
   names = [r[header.index(raw_col)] for r in rows]
   if not np.array_equal(np.sort(ids), np.arange(len(rows))):
@@ -106,22 +118,23 @@ def read_id_map(data_dir: str, spec: tuple[str, str, str]) -> list[str] | None:
   return out
 
 
-def read_item_names(data_dir: str) -> list[str] | None:
+def read_item_names(data_dir: str | os.PathLike) -> list[str] | None:
   """The Amazon product id (asin) of every item, or None without ``i_id_mapping.csv``."""
   return read_id_map(data_dir, ITEM_MAP)
 
 
-def read_features(data_dir: str, modalities: tuple[str, ...]
+def read_features(data_dir: str | os.PathLike, modalities: tuple[str, ...]
                   ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """{modality: [N, F] float32} with non-finite rows zeroed, and per-modality counts of them."""
   features, non_finite = {}, {}
   for modality in modalities:
     if modality not in FEATURE_FILES:
       raise ValueError(f"MMRec data has no {modality!r} features; it has {sorted(FEATURE_FILES)}")
-    path = os.path.join(data_dir, FEATURE_FILES[modality])
-    if not os.path.exists(path):
+    path = epath.Path(data_dir) / FEATURE_FILES[modality]
+    if not path.exists():
       raise FileNotFoundError(f"{path} not found")
-    value = np.load(path)
+    with path.open("rb") as f:
+      value = np.load(f)
     if value.ndim != 2:
       raise ValueError(f"{path}: expected [num_items, dim], got shape {value.shape}")
     value = value.astype(np.float32)
@@ -131,7 +144,7 @@ def read_features(data_dir: str, modalities: tuple[str, ...]
   return features, non_finite
 
 
-def read_mmrec(data_dir: str, name: str | None = None, *,
+def read_mmrec(data_dir: str | os.PathLike, name: str | None = None, *,
                modalities: tuple[str, ...] = ("text", "image"),
                filter_cold_users: bool = True) -> tuple[types.RecDataset, dict[str, Any]]:
   """One MMRec data set as (RecDataset, report of everything dropped or missing)."""
@@ -193,11 +206,11 @@ def read_mmrec(data_dir: str, name: str | None = None, *,
   dataset = types.RecDataset(
       catalogue=catalogue, num_users=num_users, train=train, valid=valid, test=test,
       cold_items=np.flatnonzero(~has_id).astype(np.int32), user_has_id=user_in_train,
-      name=f"mmrec/{name or os.path.basename(os.path.normpath(data_dir))}")
+      name=f"mmrec/{name or _dir_name(data_dir)}")
   return dataset, report
 
 
-def write_mmrec(data_dir: str, name: str, log: dict[str, np.ndarray],
+def write_mmrec(data_dir: str | os.PathLike, name: str, log: dict[str, np.ndarray],
                 features: dict[str, np.ndarray], item_names: list[str] | None = None,
                 user_names: list[str] | None = None) -> None:
   """Writes a data set in MMRec's layout (the exact files and headers MMRec's loader reads).
@@ -205,18 +218,20 @@ def write_mmrec(data_dir: str, name: str, log: dict[str, np.ndarray],
   ``log`` holds user, item, rating, timestamp, label arrays. Used by tests and to hand data to
   MMRec itself.
   """
-  os.makedirs(data_dir, exist_ok=True)
-  with open(inter_path(data_dir, name), "w", encoding="utf-8") as f:
+  out = epath.Path(data_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  with epath.Path(inter_path(data_dir, name)).open("w") as f:
     f.write("\t".join(INTER_COLUMNS) + "\n")
     for row in zip(log["user"].tolist(), log["item"].tolist(), log["rating"].tolist(),
                    log["timestamp"].tolist(), log["label"].tolist()):
       f.write("%d\t%d\t%.1f\t%d\t%d\n" % row)
   for modality, value in features.items():
-    np.save(os.path.join(data_dir, FEATURE_FILES[modality]), value.astype(np.float32))
+    with (out / FEATURE_FILES[modality]).open("wb") as f:
+      np.save(f, value.astype(np.float32))
   for names, (filename, raw_col, id_col) in ((item_names, ITEM_MAP), (user_names, USER_MAP)):
     if names is None:
       continue
-    with open(os.path.join(data_dir, filename), "w", encoding="utf-8") as f:
+    with (out / filename).open("w") as f:
       f.write(f"{raw_col}\t{id_col}\n")
       for dense, raw in enumerate(names):
         f.write(f"{raw}\t{dense}\n")

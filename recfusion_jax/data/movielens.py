@@ -5,7 +5,8 @@ never re-derived here.
 
 The build output holds raw ML-100k ids everywhere (so other libraries can read the split TSVs);
 this loader maps them to dense ids through ``item_map.tsv`` / ``user_map.tsv``: dense item i is
-row i of the catalogue and of the TFDS items data set.
+row i of the catalogue and of the TFDS items data set. ``data_dir`` may be local or a URI
+(``gs://...``): every file is read through ``etils.epath``.
 """
 
 from __future__ import annotations
@@ -14,22 +15,22 @@ import json
 import os
 
 import numpy as np
+from etils import epath
 
 from recfusion_jax.data import splits, types
 
 PROTOCOLS = splits.PROTOCOLS
 
 
-def _manifest(data_dir: str) -> dict:
-  path = os.path.join(data_dir, "manifest.json")
-  if not os.path.exists(path):
+def _manifest(data_dir: str | os.PathLike) -> dict:
+  path = epath.Path(data_dir) / "manifest.json"
+  if not path.exists():
     raise FileNotFoundError(f"{path} not found: build it with python -m data_prep.movielens")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
-def _read_map(path: str, column: str) -> np.ndarray:
-  with open(path, encoding="utf-8") as f:
+def _read_map(path: epath.Path, column: str) -> np.ndarray:
+  with path.open() as f:
     header = f.readline().rstrip("\n").split("\t")
     k_index, k_id = header.index("index"), header.index(column)
     rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
@@ -39,11 +40,11 @@ def _read_map(path: str, column: str) -> np.ndarray:
   return np.asarray([int(r[k_id]) for r in rows], np.int64)
 
 
-def read_id_maps(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
+def read_id_maps(data_dir: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
   """Raw ML-100k (item ids, user ids), position = dense id."""
   manifest = _manifest(data_dir)
-  return (_read_map(os.path.join(data_dir, manifest["item_map"]), "item_id"),
-          _read_map(os.path.join(data_dir, manifest["user_map"]), "user_id"))
+  return (_read_map(epath.Path(data_dir) / manifest["item_map"], "item_id"),
+          _read_map(epath.Path(data_dir) / manifest["user_map"], "user_id"))
 
 
 def _to_dense(raw: np.ndarray, raw_sorted: np.ndarray, what: str) -> np.ndarray:
@@ -56,7 +57,7 @@ def _to_dense(raw: np.ndarray, raw_sorted: np.ndarray, what: str) -> np.ndarray:
   return pos.astype(np.int32)
 
 
-def load_catalogue_arrays(data_dir: str) -> dict[str, np.ndarray]:
+def load_catalogue_arrays(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads every item of the TFDS items data set (random-access ArrayRecord source).
 
   Returns item_id [N] int64, text_ids [N, Lt] int32, text_mask [N, Lt] bool,
@@ -65,7 +66,7 @@ def load_catalogue_arrays(data_dir: str) -> dict[str, np.ndarray]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
   manifest = _manifest(data_dir)
-  builder = tfds.builder_from_directory(os.path.join(data_dir, manifest["items_tfds"]))
+  builder = tfds.builder_from_directory(epath.Path(data_dir) / manifest["items_tfds"])
   source = builder.as_data_source()["train"]
   records = source.__getitems__(list(range(len(source))))
   records.sort(key=lambda r: r["index"])
@@ -81,7 +82,8 @@ def load_catalogue_arrays(data_dir: str) -> dict[str, np.ndarray]:
   }
 
 
-def load_movielens(data_dir: str, protocol: str, seed: int = 0) -> types.RecDataset:
+def load_movielens(data_dir: str | os.PathLike, protocol: str, seed: int = 0
+                   ) -> types.RecDataset:
   """Loads one protocol/seed of the built MovieLens data as a RecDataset.
 
   Args:
@@ -99,17 +101,17 @@ def load_movielens(data_dir: str, protocol: str, seed: int = 0) -> types.RecData
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown protocol {protocol!r}; expected one of {PROTOCOLS}")
   manifest = _manifest(data_dir)
-  base = os.path.join(data_dir, manifest["splits"], protocol, f"seed{seed}")
-  if not os.path.exists(base + ".tsv"):
-    raise FileNotFoundError(f"{base}.tsv not found; built seeds: {manifest['seeds'][protocol]}")
-  with open(base + ".json", encoding="utf-8") as f:
-    meta = json.load(f)
+  base = epath.Path(data_dir) / manifest["splits"] / protocol
+  tsv = base / f"seed{seed}.tsv"
+  if not tsv.exists():
+    raise FileNotFoundError(f"{tsv} not found; built seeds: {manifest['seeds'][protocol]}")
+  meta = json.loads((base / f"seed{seed}.json").read_text())
   item_raw, user_raw = read_id_maps(data_dir)
   arrays = load_catalogue_arrays(data_dir)
   if not np.array_equal(arrays["item_id"], item_raw):
     raise ValueError(f"{data_dir}: item_map.tsv and the TFDS items disagree")
 
-  log, labels = splits.read_split_tsv(base + ".tsv")
+  log, labels = splits.read_split_tsv(tsv)
   # Id maps are written in ascending raw-id order, so a binary search maps raw -> dense.
   user = _to_dense(log.user, user_raw, "user")
   item = _to_dense(log.item, item_raw, "item")
@@ -141,14 +143,14 @@ def load_movielens(data_dir: str, protocol: str, seed: int = 0) -> types.RecData
       known=part("train", only_positives=False), known_valid=part("valid", only_positives=False))
 
 
-def load_test_presence(data_dir: str, seed: int = 0) -> np.ndarray:
+def load_test_presence(data_dir: str | os.PathLike, seed: int = 0) -> np.ndarray:
   """missing_modality: [N, 3] bool presence at test time (natural gaps + dropped modalities)."""
   manifest = _manifest(data_dir)
-  path = os.path.join(data_dir, manifest["splits"], "missing_modality",
-                      f"seed{seed}_modality_mask.tsv")
+  path = (epath.Path(data_dir) / manifest["splits"] / "missing_modality" /
+          f"seed{seed}_modality_mask.tsv")
   item_raw, _ = read_id_maps(data_dir)
   presence = np.zeros((item_raw.size, len(types.MODALITIES)), bool)
-  with open(path, encoding="utf-8") as f:
+  with path.open() as f:
     header = f.readline().rstrip("\n").split("\t")
     rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
   col = {name: k for k, name in enumerate(header)}

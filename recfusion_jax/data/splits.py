@@ -38,6 +38,7 @@ import json
 import os
 
 import numpy as np
+from etils import epath
 
 PROTOCOLS: tuple[str, ...] = ("warm_ratio", "loo", "cold_items", "cold_users", "missing_modality")
 SPLIT_LABELS: tuple[str, ...] = ("train", "valid", "test", "excluded")
@@ -244,27 +245,27 @@ def make_split(protocol: str, log: LogArrays, has_text: dict[int, bool],
   return split
 
 
-def split_paths(split_dir: str, protocol: str, seed: int) -> dict[str, str]:
-  """Where one protocol/seed lives: tsv, json and (missing_modality) mask files."""
-  base = os.path.join(split_dir, protocol, f"seed{seed}")
-  return {"tsv": base + ".tsv", "json": base + ".json", "mask": base + "_modality_mask.tsv"}
+def split_paths(split_dir: str | os.PathLike, protocol: str, seed: int) -> dict[str, str]:
+  """Where one protocol/seed lives: tsv, json and (missing_modality) mask files (local or URI)."""
+  base = epath.Path(split_dir) / protocol
+  return {"tsv": os.fspath(base / f"seed{seed}.tsv"), "json": os.fspath(base / f"seed{seed}.json"),
+          "mask": os.fspath(base / f"seed{seed}_modality_mask.tsv")}
 
 
-def write_split(split: Split, log: LogArrays, split_dir: str) -> dict[str, str]:
+def write_split(split: Split, log: LogArrays, split_dir: str | os.PathLike) -> dict[str, str]:
   """Writes the TSV (+ json, + mask) of one split; returns the paths written."""
   paths = split_paths(split_dir, split.protocol, split.seed)
-  os.makedirs(os.path.dirname(paths["tsv"]), exist_ok=True)
-  with open(paths["tsv"], "w", encoding="utf-8") as f:
+  epath.Path(paths["tsv"]).parent.mkdir(parents=True, exist_ok=True)
+  with epath.Path(paths["tsv"]).open("w") as f:
     f.write(TSV_HEADER + "\n")
     # Ratings are written as %g so "4.0" round-trips as "4" and equals the original file.
     for u, i, r, t, s in zip(log.user.tolist(), log.item.tolist(), log.rating.tolist(),
                              log.timestamp.tolist(), split.labels.tolist()):
       f.write(f"{u}\t{i}\t{r:g}\t{t}\t{s}\n")
-  with open(paths["json"], "w", encoding="utf-8") as f:
-    json.dump(split.meta, f, indent=1)
+  epath.Path(paths["json"]).write_text(json.dumps(split.meta, indent=1))
   written = {"tsv": paths["tsv"], "json": paths["json"]}
   if split.modality_mask is not None:
-    with open(paths["mask"], "w", encoding="utf-8") as f:
+    with epath.Path(paths["mask"]).open("w") as f:
       f.write(MASK_HEADER + "\n")
       for item in sorted(split.modality_mask):
         text, image, dropped = split.modality_mask[item]
@@ -273,9 +274,9 @@ def write_split(split: Split, log: LogArrays, split_dir: str) -> dict[str, str]:
   return written
 
 
-def read_split_tsv(path: str) -> tuple[LogArrays, np.ndarray]:
+def read_split_tsv(path: str | os.PathLike) -> tuple[LogArrays, np.ndarray]:
   """Reads a split TSV back into (log, labels)."""
-  with open(path, encoding="utf-8") as f:
+  with epath.Path(path).open() as f:
     header = f.readline().rstrip("\n")
     if header != TSV_HEADER:
       raise ValueError(f"{path}: unexpected header {header!r}")

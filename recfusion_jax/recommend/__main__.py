@@ -27,6 +27,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from recfusion_jax import serving
 from recfusion_jax.data.types import MODALITIES, RecDataset
@@ -38,9 +39,9 @@ NEW_ITEM_FLAGS = ("new_item_text", "new_item_text_ids", "new_item_image", "new_i
 def item_names_for(config: Any) -> list[str] | None:
   """Names of the catalogue's items: MovieLens titles, MMRec asins; None for synthetic data."""
   if config.data.source == "movielens":
-    with open(os.path.join(config.data.dir, "manifest.json"), encoding="utf-8") as f:
-      item_map = json.load(f)["item_map"]
-    with open(os.path.join(config.data.dir, item_map), encoding="utf-8") as f:
+    data_dir = epath.Path(config.data.dir)   # local or gs://
+    item_map = json.loads((data_dir / "manifest.json").read_text())["item_map"]
+    with (data_dir / item_map).open() as f:
       header = f.readline().rstrip("\n").split("\t")
       rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
     return [row[header.index("title")] for row in rows]
@@ -62,7 +63,7 @@ def _text_context(config: Any) -> tuple[dict[str, Any] | None, int | None]:
   return tokenizer, int(text.vocab_size)
 
 
-def load_workdir(config: Any, workdir: str, step: int | None = None
+def load_workdir(config: Any, workdir: str | os.PathLike, step: int | None = None
                  ) -> tuple[Any, RecDataset, int, dict[str, Any]]:
   """(model restored read-only onto the config's mesh, its data set, step, context)."""
   from recfusion_jax.data import sources  # pylint: disable=import-outside-toplevel
@@ -79,8 +80,8 @@ def load_workdir(config: Any, workdir: str, step: int | None = None
   return model, dataset, step, context
 
 
-def from_workdir(config: Any, workdir: str, *, k: int = 10, step: int | None = None
-                 ) -> tuple[serving.Recommendations, dict[str, Any]]:
+def from_workdir(config: Any, workdir: str | os.PathLike, *, k: int = 10,
+                 step: int | None = None) -> tuple[serving.Recommendations, dict[str, Any]]:
   """Recommendations of a training workdir's checkpoint, computed in this process."""
   from recfusion_jax.recommend import service  # pylint: disable=import-outside-toplevel
   model, dataset, _, context = load_workdir(config, workdir, step)
@@ -96,6 +97,7 @@ def from_export(export_dir: str) -> tuple[serving.Recommendations, dict[str, Any
   manifest = rec.manifest
   tokenizer = manifest.get("tokenizer")
   if tokenizer:
+    # Local like the export itself (Recommendations.load memory-maps it).
     tokenizer = dict(tokenizer, file=os.path.join(export_dir, tokenizer["file"]))
   context = {"item_names": rec.item_names, "tokenizer": tokenizer,
              "text_vocab_size": manifest.get("text_vocab_size"),
@@ -195,8 +197,7 @@ def format_text(result: Mapping[str, Any]) -> str:
 def _new_item_from_flags(values: Any) -> dict[str, Any] | None:
   spec: dict[str, Any] = {}
   if values.new_item_text:
-    with open(values.new_item_text, encoding="utf-8") as f:
-      spec["text"] = f.read()
+    spec["text"] = epath.Path(values.new_item_text).read_text()
   if values.new_item_text_ids:
     spec["text_ids"] = [int(x) for x in values.new_item_text_ids]
   if values.new_item_image:

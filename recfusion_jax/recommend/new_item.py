@@ -18,6 +18,7 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
 from recfusion_jax.data.types import MODALITIES, feature_key
 
@@ -37,26 +38,26 @@ def default_tokenizer_file() -> str | None:
   return path if os.path.exists(path) else None
 
 
-def movielens_text_settings(data_dir: str) -> tuple[str | None, int]:
+def movielens_text_settings(data_dir: str | os.PathLike) -> tuple[str | None, int]:
   """(tokenizer.json the MovieLens build used -- else the installed package's --, the build's
-  text length) from the build's manifest and report."""
-  with open(os.path.join(data_dir, "manifest.json"), encoding="utf-8") as f:
-    manifest = json.load(f)
+  text length) from the build's manifest and report (``data_dir`` local or a URI)."""
+  data_dir = epath.Path(data_dir)
+  manifest = json.loads((data_dir / "manifest.json").read_text())
   tokenizer = None
-  report = os.path.join(data_dir, manifest.get("report", "build_report.json"))
-  if os.path.exists(report):
-    with open(report, encoding="utf-8") as f:
-      tokenizer = json.load(f).get("text", {}).get("tokenizer")
-  if not tokenizer or not tokenizer.endswith(".json") or not os.path.exists(tokenizer):
+  report = data_dir / manifest.get("report", "build_report.json")
+  if report.exists():
+    tokenizer = json.loads(report.read_text()).get("text", {}).get("tokenizer")
+  if not tokenizer or not tokenizer.endswith(".json") or not epath.Path(tokenizer).exists():
     tokenizer = default_tokenizer_file()
   return tokenizer, int(manifest["text_len"])
 
 
-def tokenize(texts: Sequence[str], tokenizer_file: str, build_len: int, text_len: int,
-             vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(texts: Sequence[str], tokenizer_file: str | os.PathLike, build_len: int,
+             text_len: int, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """ids [J, text_len] int32 and mask [J, text_len] bool, as the build + truncation give them."""
   import tokenizers  # pylint: disable=import-outside-toplevel  (the data extra)
-  tok = tokenizers.Tokenizer.from_file(tokenizer_file)
+  # from_str, not from_file: from_file opens local paths only, epath also reads gs://.
+  tok = tokenizers.Tokenizer.from_str(epath.Path(tokenizer_file).read_text())
   tok.enable_truncation(max_length=build_len)
   pad_id = tok.token_to_id("[PAD]")
   tok.enable_padding(length=build_len, pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
@@ -69,10 +70,10 @@ def tokenize(texts: Sequence[str], tokenizer_file: str, build_len: int, text_len
   return ids, mask
 
 
-def load_image(path: str, size: int) -> np.ndarray:
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
   """[size, size, 3] uint8: RGB, squashed (not cropped) with bicubic resampling."""
   from PIL import Image  # pylint: disable=import-outside-toplevel  (the data extra)
-  with Image.open(path) as img:
+  with epath.Path(path).open("rb") as f, Image.open(f) as img:
     img.load()
     return np.asarray(img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC),
                       dtype=np.uint8)
@@ -131,7 +132,8 @@ def new_item_content(spec: ContentSpec, *, text: str | None = None,
   for modality, path in (features or {}).items():
     key = feature_key(modality)
     require(key, f"{modality} features")
-    vector = np.load(path).astype(np.float32).reshape(-1)
+    with epath.Path(path).open("rb") as f:
+      vector = np.load(f).astype(np.float32).reshape(-1)
     if vector.shape != spec[key][1]:
       raise ValueError(f"{path}: {vector.size} values, the model's {modality} features have "
                        f"{spec[key][1][0]}")
