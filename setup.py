@@ -12,6 +12,7 @@ CORE = [
     "ml_collections==1.1.0",
     "clu==0.0.12",            # metric writers, progress reports (train loop)
     "absl-py>=2.1",
+    "etils[epath]>=1.7",     # every run output and data path (local and gs:// alike)
     "numpy>=2.0",
 ]
 
@@ -38,6 +39,7 @@ EXTRAS = {
     # tests (never imported by the library).
     "test": [
         "pytest==9.0.3",
+        "fsspec>=2024.1",        # in-memory gs:// stand-in of tests/test_paths.py
         "torch==2.13.0",
         "transformers==5.24.0",
     ],
