@@ -71,7 +71,10 @@ def merge_micro(x: jax.Array, shards: int = 1) -> jax.Array:
 def _encode(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State,
             content: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, nnx.State]:
   """One micro-batch through the encoder: (emb, presence, its non-parameter state after)."""
-  encoder = nnx.merge(graphdef, params, other)
+  # Fresh Variables: pass 2 merges a scan carry inside jax.vjp, a deeper trace than the one
+  # that made the carry's Variables, and nnx refuses to mutate (advance an RNG count of)
+  # a Variable from another trace.
+  encoder = nnx.merge(graphdef, params, other, copy=True)
   emb, presence = encoder(content)
   return emb, presence, nnx.split(encoder, nnx.Param, ...)[2]
 

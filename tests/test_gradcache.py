@@ -94,8 +94,9 @@ def test_gradcache_on_a_sharded_batch_equals_one_shot():
 def test_dropout_masks_match_between_the_passes():
   """Encoder dropout > 0: the gradient equals the direct gradient of the micro-batched forward
   pass (each micro-batch's masks drawn once, reused by pass 2); the RNG state ends where the
-  forward pass left it. Layout with 4 shards, as on a 4-device batch."""
-  config = _config(**{"model.encoder.dropout": 0.2})
+  forward pass left it. Layout with 4 shards, as on a 4-device batch. Text alone: its stem's
+  and the trunk's dropout streams are what is tested (and the compile is much shorter)."""
+  config = _config(**{"model.encoder.dropout": 0.2, "model.modalities": ("text",)})
   graphdef, state, _ = _setup(config)
   batch = random_batch(config, BATCH, NUM_USERS, NUM_ITEMS, seed=3)
   loss_fn = functools.partial(train.compute_losses, contrastive_weight=0.5)
@@ -133,11 +134,12 @@ def test_dropout_masks_match_between_the_passes():
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4, err_msg=sharding.path_name(path))
   counts = lambda rng: np.asarray(jax.tree.leaves(nnx.state(rng, nnx.RngCount)))
   np.testing.assert_array_equal(counts(rng1), counts(rng2))
-  # The masks were random: the encoder's dropout streams advanced once per micro-batch.
+  # The masks were random: every dropout stream of the encoder advanced, by the same number
+  # of draws in each micro-batch's forward pass.
   start = nnx.state(nnx.merge(graphdef, state)[0].encoder, nnx.RngCount)
   end = nnx.state(rng1["encoder"], nnx.RngCount)
-  steps = np.asarray(jax.tree.leaves(end)) - np.asarray(jax.tree.leaves(start))
-  np.testing.assert_array_equal(steps, BATCH // MICRO)
+  draws = np.asarray(jax.tree.leaves(end)) - np.asarray(jax.tree.leaves(start))
+  assert np.all(draws > 0) and np.all(draws % (BATCH // MICRO) == 0), draws
 
 
 def test_micro_batch_layout_round_trips():
