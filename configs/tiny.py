@@ -77,6 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = model_config()
 
   config.batch_size = 128             # global, over all devices and processes
+  # > 0: encode the batch's content that many rows (global) at a time by gradient caching --
+  # the same update with one micro-batch's encoder activations (recfusion_jax/gradcache.py).
+  config.micro_batch = 0
   config.num_steps = 300
   config.contrastive_weight = 0.1     # lambda; 0 is the no-contrastive ablation
   config.rec_loss = "sampled"         # sampled: in-batch negatives | full: the whole catalogue

@@ -84,6 +84,7 @@ SCHEMA: dict[str, Any] = {
     },
     "model": None,
     "batch_size": _int(1),
+    "micro_batch": _int(0),   # gradient caching through the encoder (gradcache.py); 0: off
     "num_steps": _int(0),   # 0: the benchmark's pipeline check; validate(training=True) wants 1
     "contrastive_weight": _number(0.0),
     "rec_loss": _choice("sampled", "full"),
@@ -193,8 +194,26 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
         problems.append(f"batch_size {batch} does not divide over the {num_devices} devices")
   if isinstance(batch, int) and batch >= 1 and num_processes and batch % num_processes:
     problems.append(f"batch_size {batch} does not divide over the {num_processes} processes")
+  _check_micro_batch(config, batch, num_devices, problems)
   if problems:
     raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _check_micro_batch(config: Any, batch: Any, num_devices: int | None,
+                       problems: list[str]) -> None:
+  """``micro_batch`` must tile the global batch and split evenly over the devices (each one
+  encodes micro_batch / devices of its own rows at a time), and needs a content encoder."""
+  micro = config.get("micro_batch", 0)
+  if _int(1)(micro) or _int(1)(batch):
+    return   # off, or already reported as not an integer
+  if batch % micro:
+    problems.append(f"micro_batch {micro} does not divide batch_size {batch}")
+  elif num_devices and micro % num_devices:
+    problems.append(f"micro_batch {micro} does not divide over the {num_devices} devices")
+  model = config.get("model")
+  if model is not None and hasattr(model, "keys") and not model.get("modalities", ("?",)):
+    problems.append("micro_batch > 0 needs a content encoder; the model has no modalities "
+                    "(set micro_batch=0)")
 
 
 def _flat_fields(config: Any, prefix: str = "") -> list[str]:

@@ -50,8 +50,8 @@ from flax import nnx
 
 from clu import periodic_actions
 
-from recfusion_jax import (checkpointing, config_validation, losses, model_eval, sharding,
-                           writers)
+from recfusion_jax import (checkpointing, config_validation, gradcache, losses, model_eval,
+                           sharding, writers)
 from recfusion_jax.data import examples, pipeline, sources
 from recfusion_jax.data.types import RecDataset
 from recfusion_jax.models.recfusion import RecFusion, source_names
@@ -125,7 +125,8 @@ def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset,
 
 def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive_weight: float,
                    logq_weight: float = 1.0, full_catalogue: bool = False,
-                   in_batch_weight: float = 1.0, exclude_history: bool = False
+                   in_batch_weight: float = 1.0, exclude_history: bool = False,
+                   content: tuple[jax.Array, jax.Array] | None = None
                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and everything the step reports (shared by the step and the tests).
 
@@ -135,9 +136,10 @@ def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive
   (config ``rec_loss="full"``) adds a softmax over every trained item of the catalogue, one
   term per target of the row (several for per-user batches). ``exclude_history`` keeps the
   items of a row's visible history out of its catalogue negatives (evaluation never ranks
-  them either).
+  them either). ``content``: precomputed (content_emb, presence) of the batch's items instead
+  of running the encoder (the gradient-caching step, ``recfusion_jax.gradcache``).
   """
-  out = model(batch, full_catalogue=full_catalogue)
+  out = model(batch, full_catalogue=full_catalogue, content=content)
   valid = batch["example_mask"]
   in_batch = losses.sampled_softmax_loss(out["logits"], batch["item_id"],
                                          logq_weight * batch["log_q"], valid,
@@ -188,12 +190,24 @@ def rec_loss_is_full(config: ml_collections.ConfigDict) -> bool:
 def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array], *,
                contrastive_weight: float, schedule, logq_weight: float = 1.0,
                full_catalogue: bool = False, in_batch_weight: float = 1.0,
-               exclude_history: bool = False) -> tuple[Any, dict[str, jax.Array]]:
-  """One optimisation step on the split (model, optimizer) state; pure, for ``jax.jit``."""
+               exclude_history: bool = False, micro_batch: int = 0,
+               batch_shards: int = 1) -> tuple[Any, dict[str, jax.Array]]:
+  """One optimisation step on the split (model, optimizer) state; pure, for ``jax.jit``.
+
+  ``micro_batch`` > 0 (``config.micro_batch``): the content encoder runs that many rows at a
+  time by gradient caching (``recfusion_jax.gradcache``; the same update, less activation
+  memory); ``batch_shards`` is the number of devices the batch's rows are split over.
+  """
   model, optimizer = nnx.merge(graphdef, state)
-  grad_fn = nnx.value_and_grad(compute_losses, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
-  (_, aux), grads = grad_fn(model, batch, contrastive_weight, logq_weight, full_catalogue,
-                            in_batch_weight, exclude_history)
+  loss_fn = functools.partial(compute_losses, contrastive_weight=contrastive_weight,
+                              logq_weight=logq_weight, full_catalogue=full_catalogue,
+                              in_batch_weight=in_batch_weight, exclude_history=exclude_history)
+  if micro_batch:
+    (_, aux), grads = gradcache.loss_and_grads(model, batch, loss_fn, micro_batch=micro_batch,
+                                               shards=batch_shards)
+  else:
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
+    (_, aux), grads = grad_fn(model, batch)
   optimizer.update(model, grads)
   model.write_cache(batch["item_id"], aux.pop("content_emb"), aux.pop("presence"),
                     batch["example_mask"], batch["item_has_id"])
@@ -205,12 +219,15 @@ def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array
 
 def jit_train_step(graphdef, state_shardings, mesh, *, contrastive_weight: float, schedule,
                    logq_weight: float = 1.0, full_catalogue: bool = False,
-                   in_batch_weight: float = 1.0, exclude_history: bool = False):
+                   in_batch_weight: float = 1.0, exclude_history: bool = False,
+                   micro_batch: int = 0):
   """``train_step`` compiled with explicit shardings; the old state's buffers are donated."""
+  # The batch's rows are split over every device of the mesh (sharding.batch_sharding).
   step = functools.partial(train_step, graphdef, contrastive_weight=contrastive_weight,
                            schedule=schedule, logq_weight=logq_weight,
                            full_catalogue=full_catalogue, in_batch_weight=in_batch_weight,
-                           exclude_history=exclude_history)
+                           exclude_history=exclude_history, micro_batch=micro_batch,
+                           batch_shards=mesh.size)
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -314,7 +331,8 @@ def jit_guarded_train_step(graphdef, state_shardings, mesh, *, nonfinite: str = 
                            **step_kwargs):
   """``train_step`` behind ``guard_nonfinite``, compiled as ``jit_train_step`` compiles it
   (explicit in/out shardings, the old state donated)."""
-  step = guard_nonfinite(functools.partial(train_step, graphdef, **step_kwargs), nonfinite)
+  step = guard_nonfinite(functools.partial(train_step, graphdef, batch_shards=mesh.size,
+                                           **step_kwargs), nonfinite)
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
 
@@ -497,7 +515,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       contrastive_weight=config.contrastive_weight, schedule=schedule,
       logq_weight=config.get("logq_weight", 1.0), full_catalogue=rec_loss_is_full(config),
       in_batch_weight=config.get("in_batch_weight", 1.0),
-      exclude_history=config.get("exclude_history", False))
+      exclude_history=config.get("exclude_history", False),
+      micro_batch=config.get("micro_batch", 0))
   refresh_fn = _refresh_cache_fn(graphdef, state_shardings)
   # The log continues at the restored step: rows of the steps after it are written again.
   earlier = writers.truncate_jsonl(workdir, start_step) if jax.process_index() == 0 else (

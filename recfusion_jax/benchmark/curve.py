@@ -68,7 +68,8 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
       schedule=schedule, logq_weight=config.get("logq_weight", 1.0),
       full_catalogue=train.rec_loss_is_full(config),
       in_batch_weight=config.get("in_batch_weight", 1.0),
-      exclude_history=config.get("exclude_history", False))
+      exclude_history=config.get("exclude_history", False),
+      micro_batch=config.get("micro_batch", 0))
   refresh_fn = train._refresh_cache_fn(graphdef, shardings)  # pylint: disable=protected-access
   state = train.refresh_cache(refresh_fn, state, fit, config.eval_block_size)
   rows_per_epoch = (examples.trained_users(index).size if example != "interaction"

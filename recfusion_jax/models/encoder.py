@@ -114,6 +114,13 @@ class ContentEncoder(nnx.Module):
       return feature_key(modality)
     return "text_ids" if modality == "text" else modality
 
+  def input_keys(self) -> tuple[str, ...]:
+    """Every batch key ``__call__`` reads (the gradient-caching step slices only these)."""
+    keys = [self.content_key(m) for m in self.modalities]
+    if "text" in self.modalities and self.stem_kinds["text"] != "features":
+      keys.append("text_mask")
+    return tuple(keys) + ("presence",)
+
   def stem_tokens(self, modality: str, content: Mapping[str, jax.Array]):
     if self.stem_kinds[modality] == "features":
       return getattr(self, f"{modality}_stem")(content[feature_key(modality)])

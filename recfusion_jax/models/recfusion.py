@@ -206,8 +206,8 @@ class RecFusion(nnx.Module):
     table = self.item_table(jnp.arange(self.num_items), has, jax.lax.stop_gradient(emb), present)
     return table, trained
 
-  def __call__(self, batch: Mapping[str, jax.Array], full_catalogue: bool = False
-               ) -> dict[str, jax.Array]:
+  def __call__(self, batch: Mapping[str, jax.Array], full_catalogue: bool = False,
+               content: tuple[jax.Array, jax.Array] | None = None) -> dict[str, jax.Array]:
     """Training forward pass over a (global) batch: logits and what the losses need.
 
     Always: ``logits`` [B, B], each row's user against the batch's positives (in-batch
@@ -221,8 +221,12 @@ class RecFusion(nnx.Module):
 
     Per-user batches (with ``targets``) score the in-batch term from content alone (ID hidden):
     the encoder and the gate learn to stand without the ID, which cold items need.
+
+    ``content``: the batch's (content_emb [B, M, d], presence [B, M]) computed elsewhere (the
+    gradient-caching step encodes them in micro-batches, ``recfusion_jax.gradcache``); the
+    encoder is then not run here, and nothing else in this pass uses it.
     """
-    content_emb, presence = self.encode_content(batch)
+    content_emb, presence = self.encode_content(batch) if content is None else content
     item_id = batch["item_id"]
     per_user = "targets" in batch
     per_position = per_user and self.user_encoder.causal
