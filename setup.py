@@ -11,6 +11,7 @@ CORE = [
     "grain==0.2.18",
     "ml_collections==1.1.0",
     "clu==0.0.12",            # metric writers, progress reports (train loop)
+    "tensorboard>=2.16",      # clu's summary writer imports it (TensorBoard event files)
     "absl-py>=2.1",
     "etils[epath]>=1.7",     # every run output and data path (local and gs:// alike)
     "numpy>=2.0",

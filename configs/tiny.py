@@ -80,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # > 0: encode the batch's content that many rows (global) at a time by gradient caching --
   # the same update with one micro-batch's encoder activations (recfusion_jax/gradcache.py).
   config.micro_batch = 0
+  # > 0: the in-batch softmax and contrastive losses in [tile, tile] blocks, a ring over the
+  # devices: no [B, B] logits or [B, B, S] gate weights (recfusion_jax/tiled_losses.py).
+  config.loss_tile = 0
   config.num_steps = 300
   config.contrastive_weight = 0.1     # lambda; 0 is the no-contrastive ablation
   config.rec_loss = "sampled"         # sampled: in-batch negatives | full: the whole catalogue

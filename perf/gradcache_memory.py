@@ -1,76 +1,137 @@
-r"""Temporary memory of one train step: one-shot against gradient caching (``micro_batch``).
+r"""The whole train step as the global batch grows: one-shot, gradient caching, and both with
+the tiled losses.
 
-For each global batch B the tiny config's train step (``configs/tiny.py``, full tiny sizes,
-rec_loss ``--rec_loss``) is lowered on abstract batch shapes and compiled for one CPU device,
-once one-shot (``micro_batch=0``) and once with ``--micro_batch``; XLA's ``memory_analysis``
-gives the bytes of temporaries (activations, gradients in flight, the [B, B] logits), which is
-what grows with the batch -- the arguments (state, batch) and outputs are the same for both.
-Nothing runs, so the numbers are XLA's plan, not a measured peak.
+Every point (method, B) runs in a fresh subprocess on one CPU device (simulated devices share
+the host's cores and only slow a CPU step down), so its peak RSS is its own. A point builds the
+tiny config's model (``configs/tiny.py``, full tiny sizes, ``--rec_loss``), compiles
+``train.train_step`` for a random batch of B examples, records XLA's temporary bytes of that
+executable (``memory_analysis``: activations, gradients in flight, logits -- what grows with
+the batch; the state and the batch are the same for every method), then times ``--repeats``
+steps (best one; compile excluded) and records the process's peak RSS.
 
-  nice -n 10 python perf/gradcache_memory.py
-  python perf/gradcache_memory.py --batches 256,1024 --micro_batch 128 --rec_loss full
+  one_shot         micro_batch 0, loss_tile 0: the encoder over the whole batch, [B, B] logits
+                   and the gate's [B, B, S] weights (the default path);
+  gradcache        micro_batch ``--micro_batch`` (recfusion_jax/gradcache.py);
+  gradcache_tiled  and loss_tile ``--tile`` (recfusion_jax/tiled_losses.py): nothing of size
+                   B^2 and one micro-batch's encoder activations.
+
+A series stops before a point that its last point predicts (temp bytes growing as B^2 for
+one_shot and gradcache, as B for gradcache_tiled) to need more than ``--max_gib``.
+
+  nice -n 10 python perf/gradcache_memory.py --out /tmp/step_scaling.jsonl
+  python perf/gradcache_memory.py --batches 256,1024 --methods one_shot,gradcache  # quick
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import json
 import os
+import subprocess
 import sys
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from configs import tiny  # noqa: E402
-from recfusion_jax import train  # noqa: E402
-from recfusion_jax.models.recfusion import RecFusion  # noqa: E402
-from tests.helpers import random_batch  # noqa: E402
-
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _MIB = 2.0**20
+METHODS = {"one_shot": (False, False), "gradcache": (True, False),
+           "gradcache_tiled": (True, True)}   # name -> (micro-batches, tiles)
 
 
-def _abstract_batch(config, batch_size: int, num_users: int, num_items: int) -> dict:
-  example = random_batch(config, 2, num_users, num_items)
-  return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype)
-          for k, v in example.items()}
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batches", default="256,512,1024,2048,4096")
-  parser.add_argument("--micro_batch", type=int, default=64)
-  parser.add_argument("--rec_loss", default="sampled", choices=("sampled", "full"))
-  args = parser.parse_args()
+def _point(args) -> dict:
+  """One (method, B) in this process: compile, temp bytes, best step time, peak RSS."""
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  sys.path.insert(0, _ROOT)
+  import resource  # pylint: disable=import-outside-toplevel
+  import functools  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from recfusion_jax import train  # pylint: disable=import-outside-toplevel
+  from recfusion_jax.models.recfusion import RecFusion  # pylint: disable=import-outside-toplevel
+  from tests.helpers import random_batch  # pylint: disable=import-outside-toplevel
 
   config = tiny.get_config()
+  config.rec_loss = args.rec_loss
+  micro, tiled = METHODS[args.method]
+  config.micro_batch = args.micro_batch if micro else 0
+  config.loss_tile = args.tile if tiled else 0
   synthetic = config.data.synthetic
   model = RecFusion(config.model, num_users=synthetic.num_users,
                     num_items=synthetic.num_items, rngs=nnx.Rngs(0))
+  model.cache_has_id[...] = jnp.ones_like(model.cache_has_id[...])
   tx, schedule = train.make_optimizer(config, config.num_steps)
   graphdef, state = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-  print(f"tiny config: embed {config.model.embed_dim}, encoder width "
-        f"{config.model.encoder.width} x depth {config.model.encoder.depth}, modalities "
-        f"{tuple(config.model.modalities)}, rec_loss {args.rec_loss}, micro_batch "
-        f"{args.micro_batch}; XLA temp MiB of one compiled step (one CPU device)")
-  print("| B | one-shot temp MiB | gradcache temp MiB | ratio | compile s (one-shot, gc) |")
-  print("|---|---|---|---|---|")
-  for batch_size in (int(b) for b in args.batches.split(",")):
-    batch = _abstract_batch(config, batch_size, synthetic.num_users, synthetic.num_items)
-    temps, seconds = [], []
-    for micro_batch in (0, args.micro_batch):
-      step = functools.partial(train.train_step, graphdef,
-                               contrastive_weight=config.contrastive_weight, schedule=schedule,
-                               full_catalogue=args.rec_loss == "full", micro_batch=micro_batch)
-      tick = time.perf_counter()
-      compiled = jax.jit(step).lower(state, batch).compile()
-      seconds.append(time.perf_counter() - tick)
-      temps.append(compiled.memory_analysis().temp_size_in_bytes / _MIB)
-    print(f"| {batch_size} | {temps[0]:.1f} | {temps[1]:.1f} | {temps[0] / temps[1]:.1f}x | "
-          f"{seconds[0]:.0f}, {seconds[1]:.0f} |", flush=True)
+  batch = jax.device_put(random_batch(config, args.batch, synthetic.num_users,
+                                      synthetic.num_items, seed=1))
+  step = jax.jit(functools.partial(train.train_step, graphdef, schedule=schedule,
+                                   **train.step_settings(config)))
+  tick = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - tick
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  seconds = []
+  for _ in range(args.repeats):
+    tick = time.perf_counter()
+    state, aux = compiled(state, batch)
+    jax.block_until_ready(aux["total_loss"])
+    seconds.append(time.perf_counter() - tick)
+  return dict(method=args.method, batch=args.batch, micro_batch=config.micro_batch,
+              loss_tile=config.loss_tile, rec_loss=args.rec_loss,
+              temp_mib=temp / _MIB, compile_s=compile_s, step_s=min(seconds),
+              examples_per_s=args.batch / min(seconds),
+              total_loss=float(aux["total_loss"]),
+              peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2.0**20,
+              load=os.getloadavg()[0])
+
+
+def _predicted_gib(last: dict, batch: int) -> float:
+  power = 1 if last["loss_tile"] else 2
+  return last["temp_mib"] * (batch / last["batch"]) ** power / 1024
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n", maxsplit=1)[0])
+  parser.add_argument("--batches", default="1024,2048,4096,8192,16384")
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--micro_batch", type=int, default=256)
+  parser.add_argument("--tile", type=int, default=1024)
+  parser.add_argument("--rec_loss", default="sampled", choices=("sampled", "full"))
+  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--max_gib", type=float, default=8.0)
+  parser.add_argument("--out", default="")
+  parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--method", default="", help=argparse.SUPPRESS)
+  parser.add_argument("--batch", type=int, default=0, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child:
+    print(json.dumps(_point(args)))
+    return
+
+  records = []
+  print("| B | method | XLA temp MiB | peak RSS GiB | step s | examples/s | compile s | load |")
+  print("|---|---|---|---|---|---|---|---|")
+  for method in args.methods.split(","):
+    last = None
+    for batch in (int(b) for b in args.batches.split(",")):
+      if last is not None and _predicted_gib(last, batch) > args.max_gib:
+        print(f"| {batch:,} | {method} | stopped: predicted {_predicted_gib(last, batch):.1f} "
+              f"GiB of temporaries > --max_gib {args.max_gib} | | | | | |", flush=True)
+        break
+      cmd = [sys.executable, os.path.abspath(__file__), "--child", "--method", method,
+             "--batch", str(batch), "--micro_batch", str(args.micro_batch), "--tile",
+             str(args.tile), "--rec_loss", args.rec_loss, "--repeats", str(args.repeats)]
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      if proc.returncode:
+        raise SystemExit(f"point {method} B={batch} failed:\n{proc.stderr[-3000:]}")
+      last = json.loads(proc.stdout.strip().splitlines()[-1])
+      records.append(last)
+      print(f"| {batch:,} | {method} | {last['temp_mib']:.0f} | {last['peak_rss_gib']:.2f} | "
+            f"{last['step_s']:.2f} | {last['examples_per_s']:.0f} | {last['compile_s']:.0f} | "
+            f"{last['load']:.1f} |", flush=True)
+      if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+          f.write(json.dumps(last) + "\n")
 
 
 if __name__ == "__main__":

@@ -153,9 +153,9 @@ def time_step(dataset: RecDataset, config: ml_collections.ConfigDict, mesh, step
   graphdef, state = nnx.split((model, optimizer))
   state_shardings = sharding.state_shardings(state, mesh)
   state = jax.device_put(state, state_shardings)
-  step_fn = train.jit_train_step(graphdef, state_shardings, mesh,
-                                 contrastive_weight=config.contrastive_weight,
-                                 schedule=schedule)
+  # The step exactly as train.py runs it (full-catalogue term, tiles, micro-batches included).
+  step_fn = train.jit_train_step(graphdef, state_shardings, mesh, schedule=schedule,
+                                 **train.step_settings(config))
 
   # A few distinct real batches, assembled up front: the step is timed alone.
   it = _new_iterator(dataset, config, 0, index, log_q)

@@ -47,11 +47,12 @@ import numpy as np
 import optax
 from etils import epath
 from flax import nnx
+from jax.sharding import Mesh
 
 from clu import periodic_actions
 
 from recfusion_jax import (checkpointing, config_validation, gradcache, losses, model_eval,
-                           sharding, writers)
+                           sharding, tiled_losses, writers)
 from recfusion_jax.data import examples, pipeline, sources
 from recfusion_jax.data.types import RecDataset
 from recfusion_jax.models.recfusion import RecFusion, source_names
@@ -126,8 +127,8 @@ def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset,
 def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive_weight: float,
                    logq_weight: float = 1.0, full_catalogue: bool = False,
                    in_batch_weight: float = 1.0, exclude_history: bool = False,
-                   content: tuple[jax.Array, jax.Array] | None = None
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   content: tuple[jax.Array, jax.Array] | None = None, loss_tile: int = 0,
+                   mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and everything the step reports (shared by the step and the tests).
 
   The in-batch term is a softmax over the global batch's positives, where ``logq_weight``
@@ -138,20 +139,38 @@ def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive
   items of a row's visible history out of its catalogue negatives (evaluation never ranks
   them either). ``content``: precomputed (content_emb, presence) of the batch's items instead
   of running the encoder (the gradient-caching step, ``recfusion_jax.gradcache``).
+
+  ``loss_tile`` > 0 (config ``loss_tile``): the in-batch softmax and the contrastive term are
+  computed in [tile, tile] blocks (``recfusion_jax.tiled_losses``; same values and gradients),
+  so neither the [B, B] logits nor the gate's [B, B, S] weights exist; with a ``mesh`` of more
+  than one device as a ring over its batch axes, each device keeping its own rows.
   """
-  out = model(batch, full_catalogue=full_catalogue, content=content)
+  out = model(batch, full_catalogue=full_catalogue, content=content,
+              in_batch_logits=not loss_tile)
   valid = batch["example_mask"]
-  in_batch = losses.sampled_softmax_loss(out["logits"], batch["item_id"],
-                                         logq_weight * batch["log_q"], valid,
-                                         user_ids=batch["user_id"])
+  log_q = logq_weight * batch["log_q"]
+  if loss_tile:
+    ring = mesh if mesh is not None and mesh.size > 1 else None
+    tiled = dict(tile=loss_tile, mesh=ring)
+    in_batch = tiled_losses.fused_softmax_loss(
+        out["in_batch_users"], out["in_batch_table"], batch["item_id"], log_q, valid,
+        model.inverse_temperature, kind=model.fusion.kind, gate_dim=model.fusion.gate_dim,
+        user_ids=batch["user_id"], **tiled)
+    contrastive = tiled_losses.cross_modal_loss(
+        out["content_emb"], out["presence"], batch["item_id"], valid,
+        model.contrastive_inverse_temperature, **tiled)
+  else:
+    in_batch = losses.sampled_softmax_loss(out["logits"], batch["item_id"], log_q, valid,
+                                           user_ids=batch["user_id"])
+    contrastive = losses.cross_modal_loss(out["content_emb"], out["presence"],
+                                          batch["item_id"], valid,
+                                          model.contrastive_inverse_temperature)
   rec = in_batch_weight * in_batch
   extra = {}
   if full_catalogue:
     full = catalogue_loss(out["catalogue_logits"], batch, out["candidates"], exclude_history)
     rec = full + rec
     extra = {"full_softmax_loss": full, "in_batch_loss": in_batch}
-  contrastive = losses.cross_modal_loss(out["content_emb"], out["presence"], batch["item_id"],
-                                        valid, model.contrastive_inverse_temperature)
   total = losses.total_loss(rec, contrastive, contrastive_weight)
   w = valid.astype(jnp.float32)[:, None]
   aux = {"rec_loss": rec, "contrastive_loss": contrastive, "total_loss": total, **extra,
@@ -187,24 +206,37 @@ def rec_loss_is_full(config: ml_collections.ConfigDict) -> bool:
   return kind == "full"
 
 
+def step_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The loss and step options of ``config`` as ``train_step``'s keyword arguments."""
+  return dict(contrastive_weight=config.contrastive_weight,
+              logq_weight=config.get("logq_weight", 1.0),
+              full_catalogue=rec_loss_is_full(config),
+              in_batch_weight=config.get("in_batch_weight", 1.0),
+              exclude_history=config.get("exclude_history", False),
+              micro_batch=config.get("micro_batch", 0), loss_tile=config.get("loss_tile", 0))
+
+
 def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array], *,
                contrastive_weight: float, schedule, logq_weight: float = 1.0,
                full_catalogue: bool = False, in_batch_weight: float = 1.0,
-               exclude_history: bool = False, micro_batch: int = 0,
-               batch_shards: int = 1) -> tuple[Any, dict[str, jax.Array]]:
+               exclude_history: bool = False, micro_batch: int = 0, loss_tile: int = 0,
+               mesh: Mesh | None = None) -> tuple[Any, dict[str, jax.Array]]:
   """One optimisation step on the split (model, optimizer) state; pure, for ``jax.jit``.
 
   ``micro_batch`` > 0 (``config.micro_batch``): the content encoder runs that many rows at a
   time by gradient caching (``recfusion_jax.gradcache``; the same update, less activation
-  memory); ``batch_shards`` is the number of devices the batch's rows are split over.
+  memory). ``loss_tile`` > 0: the in-batch losses in tiles (``compute_losses``). ``mesh``: the
+  mesh whose devices the batch's rows are split over (the micro-batch layout and the tiled
+  losses' ring follow it); None for one device.
   """
   model, optimizer = nnx.merge(graphdef, state)
   loss_fn = functools.partial(compute_losses, contrastive_weight=contrastive_weight,
                               logq_weight=logq_weight, full_catalogue=full_catalogue,
-                              in_batch_weight=in_batch_weight, exclude_history=exclude_history)
+                              in_batch_weight=in_batch_weight, exclude_history=exclude_history,
+                              loss_tile=loss_tile, mesh=mesh)
   if micro_batch:
     (_, aux), grads = gradcache.loss_and_grads(model, batch, loss_fn, micro_batch=micro_batch,
-                                               shards=batch_shards)
+                                               shards=1 if mesh is None else mesh.size)
   else:
     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)
     (_, aux), grads = grad_fn(model, batch)
@@ -217,19 +249,19 @@ def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array
   return nnx.state((model, optimizer)), aux
 
 
-def jit_train_step(graphdef, state_shardings, mesh, *, contrastive_weight: float, schedule,
-                   logq_weight: float = 1.0, full_catalogue: bool = False,
-                   in_batch_weight: float = 1.0, exclude_history: bool = False,
-                   micro_batch: int = 0):
-  """``train_step`` compiled with explicit shardings; the old state's buffers are donated."""
+def _jit_on_mesh(step, state_shardings, mesh):
   # The batch's rows are split over every device of the mesh (sharding.batch_sharding).
-  step = functools.partial(train_step, graphdef, contrastive_weight=contrastive_weight,
-                           schedule=schedule, logq_weight=logq_weight,
-                           full_catalogue=full_catalogue, in_batch_weight=in_batch_weight,
-                           exclude_history=exclude_history, micro_batch=micro_batch,
-                           batch_shards=mesh.size)
   return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
                  out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def jit_train_step(graphdef, state_shardings, mesh, **step_kwargs):
+  """``train_step`` compiled with explicit shardings; the old state's buffers are donated.
+
+  ``step_kwargs``: ``train_step``'s options (``schedule`` and, e.g., ``step_settings(config)``).
+  """
+  return _jit_on_mesh(functools.partial(train_step, graphdef, mesh=mesh, **step_kwargs),
+                      state_shardings, mesh)
 
 
 def _refresh_cache_fn(graphdef, state_shardings):
@@ -331,10 +363,9 @@ def jit_guarded_train_step(graphdef, state_shardings, mesh, *, nonfinite: str = 
                            **step_kwargs):
   """``train_step`` behind ``guard_nonfinite``, compiled as ``jit_train_step`` compiles it
   (explicit in/out shardings, the old state donated)."""
-  step = guard_nonfinite(functools.partial(train_step, graphdef, batch_shards=mesh.size,
-                                           **step_kwargs), nonfinite)
-  return jax.jit(step, in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
-                 out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+  step = guard_nonfinite(functools.partial(train_step, graphdef, mesh=mesh, **step_kwargs),
+                         nonfinite)
+  return _jit_on_mesh(step, state_shardings, mesh)
 
 
 class _NonFiniteWatch:
@@ -511,12 +542,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   watch.last_checkpoint = start_step if restored is not None else None
 
   step_fn = jit_guarded_train_step(
-      graphdef, state_shardings, mesh, nonfinite=watch.mode,
-      contrastive_weight=config.contrastive_weight, schedule=schedule,
-      logq_weight=config.get("logq_weight", 1.0), full_catalogue=rec_loss_is_full(config),
-      in_batch_weight=config.get("in_batch_weight", 1.0),
-      exclude_history=config.get("exclude_history", False),
-      micro_batch=config.get("micro_batch", 0))
+      graphdef, state_shardings, mesh, nonfinite=watch.mode, schedule=schedule,
+      **step_settings(config))
   refresh_fn = _refresh_cache_fn(graphdef, state_shardings)
   # The log continues at the restored step: rows of the steps after it are written again.
   earlier = writers.truncate_jsonl(workdir, start_step) if jax.process_index() == 0 else (

@@ -63,13 +63,8 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
   tx, schedule = train.make_optimizer(config, steps)
   # train_model's init, so the curve's last row is the runner's score to the last bit.
   graphdef, state, shardings = train.create_sharded_state(config, fit, mesh, tx)
-  step_fn = train.jit_train_step(
-      graphdef, shardings, mesh, contrastive_weight=config.contrastive_weight,
-      schedule=schedule, logq_weight=config.get("logq_weight", 1.0),
-      full_catalogue=train.rec_loss_is_full(config),
-      in_batch_weight=config.get("in_batch_weight", 1.0),
-      exclude_history=config.get("exclude_history", False),
-      micro_batch=config.get("micro_batch", 0))
+  step_fn = train.jit_train_step(graphdef, shardings, mesh, schedule=schedule,
+                                 **train.step_settings(config))
   refresh_fn = train._refresh_cache_fn(graphdef, shardings)  # pylint: disable=protected-access
   state = train.refresh_cache(refresh_fn, state, fit, config.eval_block_size)
   rows_per_epoch = (examples.trained_users(index).size if example != "interaction"

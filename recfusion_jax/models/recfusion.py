@@ -207,7 +207,8 @@ class RecFusion(nnx.Module):
     return table, trained
 
   def __call__(self, batch: Mapping[str, jax.Array], full_catalogue: bool = False,
-               content: tuple[jax.Array, jax.Array] | None = None) -> dict[str, jax.Array]:
+               content: tuple[jax.Array, jax.Array] | None = None,
+               in_batch_logits: bool = True) -> dict[str, jax.Array]:
     """Training forward pass over a (global) batch: logits and what the losses need.
 
     Always: ``logits`` [B, B], each row's user against the batch's positives (in-batch
@@ -225,6 +226,10 @@ class RecFusion(nnx.Module):
     ``content``: the batch's (content_emb [B, M, d], presence [B, M]) computed elsewhere (the
     gradient-caching step encodes them in micro-batches, ``recfusion_jax.gradcache``); the
     encoder is then not run here, and nothing else in this pass uses it.
+
+    ``in_batch_logits=False`` leaves out ``logits``: a tiled loss scores ``in_batch_users``
+    against ``in_batch_table`` (always returned) tile by tile instead (``train.compute_losses``
+    with ``loss_tile``), so no [B, B] array is built here.
     """
     content_emb, presence = self.encode_content(batch) if content is None else content
     item_id = batch["item_id"]
@@ -241,8 +246,10 @@ class RecFusion(nnx.Module):
       has_id = has_id & (self.id_dropout(jnp.ones(has_id.shape)) > 0)
     table = self.item_table(item_id, has_id, content_emb, presence)
     out = {"content_emb": content_emb, "presence": presence,
-           "logits": self.score(last, table),
+           "in_batch_users": last, "in_batch_table": table,
            "gate_weights": self.fusion.row_weights(last.get("query"), table)}
+    if in_batch_logits:
+      out["logits"] = self.score(last, table)
     if full_catalogue:
       catalogue, trained = self.catalogue_table(item_id, content_emb, presence,
                                                 batch["item_has_id"], batch["example_mask"])
