@@ -432,26 +432,6 @@ class BestTracker:
 VALID_PREFIX = "valid/"
 
 
-def make_validator(dataset: RecDataset, config: ml_collections.ConfigDict, graphdef: Any,
-                   mesh: Any):
-  """(state) -> full-ranking metrics on ``dataset.valid`` (train items excluded), the path
-  ``benchmark --split valid`` scores."""
-  from recfusion_jax.baselines.common import rank_split  # pylint: disable=import-outside-toplevel
-  if len(dataset.valid) == 0:
-    raise ValueError(f"validation.every={config.validation.every} needs a valid split; "
-                     f"{dataset.name} has none")
-  rank_mesh = mesh if jax.process_count() == 1 else None
-
-  def validate(state: Any) -> dict[str, float]:
-    model, _ = nnx.merge(graphdef, sharding.to_host(state, mesh))
-    ranker = model_eval.model_ranker(model, dataset, history_len=config.model.user.history_len,
-                                     chunk=config.eval_block_size)
-    return rank_split(ranker, dataset, dataset.valid, block_size=config.eval_block_size,
-                      mesh=rank_mesh)
-
-  return validate
-
-
 def _is_train_row(row: Mapping[str, Any]) -> bool:
   return "total_loss" in row
 
@@ -524,7 +504,8 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   history = [row for row in earlier if _is_train_row(row) and row["step"] <= start_step]
   per_epoch = pipeline.examples_per_epoch(index, config.data.get("example", "interaction"))
   epoch_of = lambda step: round(step * config.batch_size / per_epoch, 3)
-  validate = (make_validator(dataset, config, graphdef, mesh) if settings.every else None)
+  validate = (model_eval.make_validator(dataset, config, graphdef, mesh) if settings.every
+              else None)
   valid_history = [
       {"step": row["step"], "epoch": epoch_of(row["step"]),
        **{k[len(VALID_PREFIX):]: v for k, v in row.items() if k.startswith(VALID_PREFIX)}}
