@@ -503,7 +503,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       writers.read_jsonl(workdir))
   history = [row for row in earlier if _is_train_row(row) and row["step"] <= start_step]
   per_epoch = pipeline.examples_per_epoch(index, config.data.get("example", "interaction"))
-  epoch_of = lambda step: round(step * config.batch_size / per_epoch, 3)
+  epoch_of = lambda step: pipeline.epochs(step, config.batch_size, per_epoch)
   validate = (model_eval.make_validator(dataset, config, graphdef, mesh) if settings.every
               else None)
   valid_history = [
