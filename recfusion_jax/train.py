@@ -385,19 +385,17 @@ class TrainedModel(NamedTuple):
 class ValidationSettings(NamedTuple):
   """``config.validation``: evaluate on valid every ``every`` steps (0: never), keep and return
   the best state by ``metric``, stop after ``patience`` evaluations without improvement (0:
-  train all ``num_steps``)."""
+  train all ``num_steps``). The section is required (``config_validation.REQUIRED``); its
+  defaults are configs/tiny.py's, which every config builds on, and nowhere else."""
 
-  every: int = 0
-  patience: int = 0
-  metric: str = "NDCG@10"
+  every: int
+  patience: int
+  metric: str
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ValidationSettings":
-    section = config.get("validation")
-    if not section:
-      return cls()
-    return cls(int(section.get("every", 0)), int(section.get("patience", 0)),
-               str(section.get("metric", "NDCG@10")))
+    v = config.validation
+    return cls(int(v.every), int(v.patience), str(v.metric))
 
 
 class BestTracker:
