@@ -116,7 +116,9 @@ SCHEMA: dict[str, Any] = {
 REQUIRED = ("seed", "data.source", "batch_size", "num_steps", "optimizer.learning_rate",
             "optimizer.warmup_steps", "optimizer.clip_norm", "mesh.data", "mesh.fsdp",
             "log_every", "checkpoint_every", "keep_checkpoints", "eval_block_size",
-            "cache_refresh_every", "model.user.history_len")
+            "cache_refresh_every", "model.user.history_len",
+            # No fallback values in the loop: configs/tiny.py's are the defaults.
+            "validation.every", "validation.patience", "validation.metric")
 
 
 def _closest(name: str, known: Sequence[str]) -> str:

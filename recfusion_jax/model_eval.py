@@ -1,8 +1,11 @@
-"""A trained RecFusion as a ``baselines.common.Ranker``, and its evaluation after training.
+"""A trained RecFusion as a ``baselines.common.Ranker``, and its evaluation during and after
+training.
 
-Both the train loop (``train.train_and_evaluate``) and the benchmark runner rank a RecFusion
-model through ``model_ranker`` + ``baselines.common.rank_split``, the path every baseline
-takes: one exclusion rule (the data set's ``known`` items) and one tie rule for all.
+The train loop (``make_validator`` during training, ``train.train_and_evaluate`` after it) and
+the benchmark runner rank a RecFusion model through ``model_ranker`` +
+``baselines.common.rank_split``, the path every baseline takes: one exclusion rule (the data
+set's ``known`` items) and one tie rule for all. (``train`` imports this module, never the
+reverse.)
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 
+from recfusion_jax import sharding
 from recfusion_jax.baselines import chance
 from recfusion_jax.baselines.common import Ranker, rank_split
 from recfusion_jax.data import examples
@@ -41,6 +46,26 @@ def model_ranker(model: RecFusion, dataset: RecDataset, catalogue: Catalogue | N
       user_reps=lambda users: rec.encode_users(
           examples.user_eval_inputs(dataset, users, history_len, index)),
       item_table=rec.item_table(catalogue, emb, presence), score_fn=rec.score_fn())
+
+
+def make_validator(dataset: RecDataset, config: ml_collections.ConfigDict, graphdef: Any,
+                   mesh: Any):
+  """(state) -> full-ranking metrics on ``dataset.valid`` (train items excluded), the path
+  ``benchmark --split valid`` scores. ``graphdef`` and the states are those of the train loop's
+  (model, optimizer) pair, possibly sharded over ``mesh``."""
+  if len(dataset.valid) == 0:
+    raise ValueError(f"validation.every={config.validation.every} needs a valid split; "
+                     f"{dataset.name} has none")
+  rank_mesh = mesh if jax.process_count() == 1 else None
+
+  def validate(state: Any) -> dict[str, float]:
+    model, _ = nnx.merge(graphdef, sharding.to_host(state, mesh))
+    ranker = model_ranker(model, dataset, history_len=config.model.user.history_len,
+                          chunk=config.eval_block_size)
+    return rank_split(ranker, dataset, dataset.valid, block_size=config.eval_block_size,
+                      mesh=rank_mesh)
+
+  return validate
 
 
 def evaluate_model(model: RecFusion, dataset: RecDataset, config: ml_collections.ConfigDict,

@@ -416,19 +416,17 @@ class TrainedModel(NamedTuple):
 class ValidationSettings(NamedTuple):
   """``config.validation``: evaluate on valid every ``every`` steps (0: never), keep and return
   the best state by ``metric``, stop after ``patience`` evaluations without improvement (0:
-  train all ``num_steps``)."""
+  train all ``num_steps``). The section is required (``config_validation.REQUIRED``); its
+  defaults are configs/tiny.py's, which every config builds on, and nowhere else."""
 
-  every: int = 0
-  patience: int = 0
-  metric: str = "NDCG@10"
+  every: int
+  patience: int
+  metric: str
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "ValidationSettings":
-    section = config.get("validation")
-    if not section:
-      return cls()
-    return cls(int(section.get("every", 0)), int(section.get("patience", 0)),
-               str(section.get("metric", "NDCG@10")))
+    v = config.validation
+    return cls(int(v.every), int(v.patience), str(v.metric))
 
 
 class BestTracker:
@@ -461,26 +459,6 @@ class BestTracker:
 
 
 VALID_PREFIX = "valid/"
-
-
-def make_validator(dataset: RecDataset, config: ml_collections.ConfigDict, graphdef: Any,
-                   mesh: Any):
-  """(state) -> full-ranking metrics on ``dataset.valid`` (train items excluded), the path
-  ``benchmark --split valid`` scores."""
-  from recfusion_jax.baselines.common import rank_split  # pylint: disable=import-outside-toplevel
-  if len(dataset.valid) == 0:
-    raise ValueError(f"validation.every={config.validation.every} needs a valid split; "
-                     f"{dataset.name} has none")
-  rank_mesh = mesh if jax.process_count() == 1 else None
-
-  def validate(state: Any) -> dict[str, float]:
-    model, _ = nnx.merge(graphdef, sharding.to_host(state, mesh))
-    ranker = model_eval.model_ranker(model, dataset, history_len=config.model.user.history_len,
-                                     chunk=config.eval_block_size)
-    return rank_split(ranker, dataset, dataset.valid, block_size=config.eval_block_size,
-                      mesh=rank_mesh)
-
-  return validate
 
 
 def _is_train_row(row: Mapping[str, Any]) -> bool:
@@ -550,8 +528,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
       writers.read_jsonl(workdir))
   history = [row for row in earlier if _is_train_row(row) and row["step"] <= start_step]
   per_epoch = pipeline.examples_per_epoch(index, config.data.get("example", "interaction"))
-  epoch_of = lambda step: round(step * config.batch_size / per_epoch, 3)
-  validate = (make_validator(dataset, config, graphdef, mesh) if settings.every else None)
+  epoch_of = lambda step: pipeline.epochs(step, config.batch_size, per_epoch)
+  validate = (model_eval.make_validator(dataset, config, graphdef, mesh) if settings.every
+              else None)
   valid_history = [
       {"step": row["step"], "epoch": epoch_of(row["step"]),
        **{k[len(VALID_PREFIX):]: v for k, v in row.items() if k.startswith(VALID_PREFIX)}}

@@ -1,13 +1,16 @@
-"""Shared test fixtures: a tiny config and random batches that follow the data contract."""
+"""Shared test fixtures: a tiny config, random batches that follow the data contract, and a
+leaf-by-leaf comparison of two states."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from absl import flags
+import jax
 import numpy as np
 
 from configs import tiny
+from recfusion_jax import sharding
 
 
 def run_absl_main(main: Callable[[list[str]], Any], argv: Sequence[str]) -> Any:
@@ -60,3 +63,42 @@ def random_batch(config, batch_size: int, num_users: int, num_items: int, seed: 
       "presence": rng.random((b, 3)) > 0.25 if presence is None else presence,
       "example_mask": np.arange(b) < b - 1,  # the last row is padding
   }
+
+
+class StateComparison(NamedTuple):
+  """What ``assert_states_close`` compared: all leaves, the floating ones, the bitwise-equal
+  ones."""
+
+  leaves: int
+  floats: int
+  bitwise: int
+
+
+def assert_states_close(a: Any, b: Any, *, rtol: float = 0.0, atol: float = 0.0,
+                        check: Callable[[np.ndarray, np.ndarray, str], None] | None = None
+                        ) -> StateComparison:
+  """Asserts that two states (any pytrees of the same structure: nnx states, gradients) hold
+  the same leaves: the same dtype and shape, floating values close, everything else (integer
+  counts, RNG keys by their key data) equal. ``check(x, y, name)`` replaces the default
+  float test, ``np.testing.assert_allclose`` with ``rtol`` and ``atol``. The counts come back so
+  a test can check that the comparison covered enough."""
+  flat_a = jax.tree_util.tree_flatten_with_path(jax.device_get(a))[0]
+  flat_b = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(b))[0])
+  assert len(flat_a) == len(flat_b), (len(flat_a), len(flat_b))
+  floats = bitwise = 0
+  for path, x in flat_a:
+    y, name = flat_b[path], sharding.path_name(path)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape, (name, x.dtype, x.shape, y.dtype, y.shape)
+    bitwise += np.array_equal(x, y)
+    if x.dtype.kind == "f":
+      if check is None:
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol, err_msg=name)
+      else:
+        check(x, y, name)
+      floats += 1
+    else:
+      np.testing.assert_array_equal(x, y, err_msg=name)
+  return StateComparison(len(flat_a), floats, bitwise)

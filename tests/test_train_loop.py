@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from recfusion_jax import checkpointing, sharding, train
+from recfusion_jax import checkpointing, model_eval, sharding, train
 from tests.helpers import tiny_config
 
 
@@ -148,16 +148,11 @@ def test_validation_returns_the_best_state(tmp_path):
   curve = [row["NDCG@10"] for row in trained.valid_history]
   assert len(curve) == 4 and trained.best["NDCG@10"] == max(curve)
   assert trained.best["step"] == trained.valid_history[int(np.argmax(curve))]["step"]
-  # The returned model is the best validated state: scoring it again gives its numbers.
-  graphdef, state = nnx.split(trained.model)
-  model = nnx.merge(graphdef, state)
-  from recfusion_jax import model_eval  # pylint: disable=import-outside-toplevel
-  from recfusion_jax.baselines.common import rank_split  # pylint: disable=import-outside-toplevel
-  ranker = model_eval.model_ranker(model, trained.dataset,
-                                   history_len=config.model.user.history_len,
-                                   chunk=config.eval_block_size)
-  again = rank_split(ranker, trained.dataset, trained.dataset.valid,
-                     block_size=config.eval_block_size)
+  # The returned model is the best validated state: the loop's validator scores it again at
+  # its numbers. The validator takes a (model, optimizer) state; no optimizer is needed here.
+  graphdef, state = nnx.split((trained.model, None))
+  validate = model_eval.make_validator(trained.dataset, config, graphdef, trained.mesh)
+  again = validate(state)
   for key in ("NDCG@10", "HR@10"):
     np.testing.assert_allclose(again[key], trained.best[key], atol=1e-6)
 

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 
 from recfusion_jax import sharding, train
 from recfusion_jax.convert import checkpoint as convert_checkpoint
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import assert_states_close, random_batch, tiny_config
 
 NUM_USERS, NUM_ITEMS, BATCH = 24, 64, 16
 
@@ -64,21 +64,10 @@ def test_sharded_step_matches_single_device(fsdp, full_catalogue):
   # rounding differs from one device's more than the in-batch loss does; Adam then divides
   # the tiny gradients of rarely-scored ID rows by their own size, which magnifies it.
   tolerance = 3e-5 if full_catalogue else 1e-5
-  flat8 = jax.tree_util.tree_flatten_with_path(jax.device_get(state8))[0]
-  flat1 = dict(jax.tree_util.tree_flatten_with_path(jax.device_get(state1))[0])
-  compared = 0
-  for path, a in flat8:
-    b = flat1[path]
-    if jax.dtypes.issubdtype(getattr(a, "dtype", np.float32), jax.dtypes.prng_key):
-      a, b = jax.random.key_data(a), jax.random.key_data(b)
-    a, b = np.asarray(a), np.asarray(b)
-    if a.dtype.kind == "f":
-      scale = max(np.max(np.abs(b)), 1e-6)
-      assert np.max(np.abs(a - b)) <= tolerance * scale, sharding.path_name(path)
-      compared += 1
-    else:
-      np.testing.assert_array_equal(a, b, err_msg=sharding.path_name(path))
-  assert compared > 50
+  def within_tolerance_of_scale(a, b, name):
+    assert np.max(np.abs(a - b)) <= tolerance * max(np.max(np.abs(b)), 1e-6), name
+
+  assert assert_states_close(state8, state1, check=within_tolerance_of_scale).floats > 50
 
 
 FSDP = 4
@@ -178,23 +167,9 @@ def test_sharded_init_equals_eager_init(born_sharded):
   config, data, tx, state, _ = born_sharded
   model = train.create_model(config, data)
   eager = nnx.state((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
-  eager_leaves = dict(jax.tree_util.tree_flatten_with_path(eager)[0])
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  assert len(eager_leaves) == len(leaves)
-  bitwise = 0
-  for path, x in leaves:
-    y = eager_leaves[path]
-    if _is_key(x):
-      x, y = jax.random.key_data(x), jax.random.key_data(y)
-    x, y = np.asarray(x), np.asarray(y)
-    assert x.dtype == y.dtype and x.shape == y.shape, sharding.path_name(path)
-    bitwise += np.array_equal(x, y)
-    if x.dtype.kind == "f":
-      # The same random bits; XLA's fused init rounds a few values 1 ulp away from op-by-op.
-      np.testing.assert_allclose(x, y, rtol=1e-6, atol=0, err_msg=sharding.path_name(path))
-    else:
-      np.testing.assert_array_equal(x, y, err_msg=sharding.path_name(path))
-  assert bitwise > len(leaves) // 2
+  # The same random bits; XLA's fused init rounds a few values 1 ulp away from op-by-op.
+  compared = assert_states_close(state, eager, rtol=1e-6, atol=0)
+  assert compared.bitwise > compared.leaves // 2
 
 
 def test_init_from_lands_on_the_shardings(born_sharded):

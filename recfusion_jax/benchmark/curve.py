@@ -67,8 +67,7 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
                                  **train.step_settings(config))
   refresh_fn = train._refresh_cache_fn(graphdef, shardings)  # pylint: disable=protected-access
   state = train.refresh_cache(refresh_fn, state, fit, config.eval_block_size)
-  rows_per_epoch = (examples.trained_users(index).size if example != "interaction"
-                    else index.num_examples)
+  rows_per_epoch = pipeline.examples_per_epoch(index, example)
   curve, train_s = [], 0.0
   for step in range(1, steps + 1):
     tick = time.perf_counter()
@@ -86,7 +85,8 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
     result = rank_split(ranker, fit, pdata.heldout, candidate_items=pdata.candidate_items)
     losses = {k: round(float(v), 4) for k, v in jax.device_get(metrics).items()
               if np.ndim(v) == 0}
-    curve.append({"step": step, "epoch": round(step * config.batch_size / rows_per_epoch, 2),
+    curve.append({"step": step,
+                  "epoch": pipeline.epochs(step, config.batch_size, rows_per_epoch, digits=2),
                   "NDCG@10": round(float(result["NDCG@10"]), 4),
                   "HR@10": round(float(result["HR@10"]), 4), "train_s": round(train_s, 1),
                   **losses})

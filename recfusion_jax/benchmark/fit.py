@@ -106,13 +106,14 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
   stop_step = None
   settings = train.ValidationSettings.from_config(config)
   metric = settings.metric
+  fit_rows = _rows_per_epoch(config, fit)   # an index of fit's train split: build it once
   if settings.every and len(fit.valid) == 0:
     # The final fit has no valid split (train + valid merged): choose its length on valid with
     # a train-only fit first, then refit for the same number of epochs, with the schedule
     # stretched alike (how the baselines choose their epochs).
     tune = _with_catalogue(pdata.tune, pdata.tune.catalogue, text_len)
     selected = train.train_model(config, epath.Path(run_dir) / "select", dataset=tune)
-    ratio = _rows_per_epoch(config, fit) / _rows_per_epoch(config, tune)
+    ratio = fit_rows / _rows_per_epoch(config, tune)
     stop_step = max(1, round(selected.best["step"] * ratio))
     config.num_steps = max(stop_step, round(config.num_steps * ratio))
     config.validation.every = 0
@@ -120,7 +121,7 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
   trained = train.train_model(config, run_dir, dataset=fit, stop_step=stop_step)
   if trained.best is not None:
     info.update(_selection_info(trained, metric))
-  info["epochs"] = round(trained.last_step * config.batch_size / _rows_per_epoch(config, fit), 3)
+  info["epochs"] = pipeline.epochs(trained.last_step, config.batch_size, fit_rows)
   catalogue = _with_catalogue(fit, pdata.catalogue, text_len).catalogue
   ranker = model_eval.model_ranker(trained.model, fit, catalogue,
                                    history_len=config.model.user.history_len,
@@ -129,6 +130,7 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
 
 
 def _rows_per_epoch(config: ml_collections.ConfigDict, dataset: RecDataset) -> int:
+  # The train loop's count (train_model builds its own index; it does not return it).
   return pipeline.examples_per_epoch(examples.TrainExampleIndex.build(dataset),
                                      config.data.get("example", "interaction"))
 

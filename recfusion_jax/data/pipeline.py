@@ -141,6 +141,12 @@ def examples_per_epoch(index: TrainExampleIndex, example: str = "interaction") -
   return index.num_examples if example == "interaction" else int(trained_users(index).size)
 
 
+def epochs(steps: int, batch_size: int, per_epoch: int, digits: int = 3) -> float:
+  """The epochs ``steps`` batches of ``batch_size`` rows cover (``per_epoch`` rows an epoch,
+  ``examples_per_epoch``), rounded to ``digits`` decimals as the logs show them."""
+  return round(steps * batch_size / per_epoch, digits)
+
+
 def make_train_dataset(dataset: RecDataset, *, batch_size: int, history_len: int, seed: int,
                        num_epochs: int | None = None, process_index: int | None = None,
                        process_count: int | None = None,

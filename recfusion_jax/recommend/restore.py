@@ -90,9 +90,11 @@ def restore_model(config: ml_collections.ConfigDict, workdir: str | epath.Path,
       node = target
       for key in prefix + path:
         node = node.setdefault(key, {})
+      # Both are nnx Variables (the shardings mirror the state), holding a ShapeDtypeStruct
+      # and a NamedSharding: get_value(), not the deprecated .value ([...] is for arrays).
       value = variable.get_value()
       node["value"] = jax.ShapeDtypeStruct(value.shape, value.dtype,
-                                           sharding=getattr(leaf_sharding, "value", leaf_sharding))
+                                           sharding=leaf_sharding.get_value())
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
