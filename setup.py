@@ -40,6 +40,7 @@ EXTRAS = {
     # tests (never imported by the library).
     "test": [
         "pytest==9.0.3",
+        "pytest-xdist==3.8.0",   # the suite runs in 2 processes (-n 2), one test file each
         "fsspec>=2024.1",        # in-memory gs:// stand-in of tests/test_paths.py
         "torch==2.13.0",
         "transformers==5.24.0",
