@@ -466,21 +466,17 @@ def _is_train_row(row: Mapping[str, Any]) -> bool:
 
 
 def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-                dataset: RecDataset | None = None, stop_step: int | None = None
-                ) -> TrainedModel:
+                dataset: RecDataset | None = None) -> TrainedModel:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints); no final evaluation.
 
   ``dataset`` overrides ``data.sources.load_dataset(config)`` (e.g. a benchmark protocol's
-  train+valid fit). ``stop_step`` ends training at that step of the ``num_steps`` schedule
-  (the learning rate follows the same curve as a full run up to there: a refit at the length
-  that validation chose). Raises ``config_validation.ConfigError`` before loading anything for a bad
+  train+valid fit). Raises ``config_validation.ConfigError`` before loading anything for a bad
   config, ``Preempted`` after SIGTERM/SIGINT made it save a checkpoint, ``NonFiniteError`` when
   a NaN/Inf stops it (``nonfinite="stop"``), ``checkpointing.CheckpointError`` when no
   checkpoint of ``workdir`` can be restored.
   """
   config_validation.validate(config, num_devices=jax.device_count(),
                              num_processes=jax.process_count())
-  end_step = config.num_steps if stop_step is None else min(stop_step, config.num_steps)
   workdir = epath.Path(workdir)   # local or gs://
   workdir.mkdir(parents=True, exist_ok=True)
   dataset = sources.load_dataset(config) if dataset is None else dataset
@@ -538,7 +534,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   tracker = BestTracker(settings.metric, settings.patience, valid_history)
   writer = writers.create_writer(workdir)
   report_progress = periodic_actions.ReportProgress(
-      num_train_steps=end_step, writer=writer, every_steps=config.log_every,
+      num_train_steps=config.num_steps, writer=writer, every_steps=config.log_every,
       every_secs=None)
   names = source_names(nnx.merge(graphdef, state)[0])   # static attributes; no copy
   if start_step == 0:
@@ -568,7 +564,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   try:
     with checkpointing.PreemptionWatch() as preemption:
       # A run that already stopped early (resumed after it) trains no further.
-      last = start_step if tracker.should_stop else end_step
+      last = start_step if tracker.should_stop else config.num_steps
       for step in range(start_step + 1, last + 1):
         batch = pipeline.make_global_batch(next(data_iter), mesh)
         state, last_metrics = step_fn(state, batch)
@@ -577,7 +573,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         report_progress(step)
         if step % config.cache_refresh_every == 0:
           state = refresh_cache(refresh_fn, state, dataset, config.eval_block_size)
-        if step % config.log_every == 0 or step == end_step:
+        if step % config.log_every == 0 or step == config.num_steps:
           watch.poll(wait=True)
           metrics = jax.device_get(last_metrics)
           now = time.perf_counter()
@@ -591,7 +587,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           history.append({"step": step, **values})
           tick, tick_step = time.perf_counter(), step
         stop_early = False
-        if validate is not None and (step % settings.every == 0 or step == end_step):
+        if validate is not None and (step % settings.every == 0 or step == config.num_steps):
           watch.poll(wait=True)
           scores = validate(state)
           writer.write_scalars(step, {VALID_PREFIX + k: v for k, v in scores.items()})
@@ -606,7 +602,7 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
           # Every validated state is saved; Orbax's BestN keeps the best of them.
           save(step, {best_key: float(scores[settings.metric])})
           stop_early = tracker.should_stop
-        if step % config.checkpoint_every == 0 or step == end_step or stop_early:
+        if step % config.checkpoint_every == 0 or step == config.num_steps or stop_early:
           save(step)
         notice = ckpt.reached_preemption(step)
         if preemption.requested or notice:

@@ -252,10 +252,12 @@ def test_content_fit_length_is_chosen_on_valid_then_refit(tmp_path):
   best = max(info["valid_curve"], key=lambda row: row["NDCG@10"])
   assert info["best_step"] == best["step"] and info["epochs_to_best"] == best["epoch"]
   assert info["valid_NDCG@10"] == best["NDCG@10"]
-  # ... and the train + valid refit ran that many epochs (more rows: at least as many steps).
+  # ... and the train + valid refit ran that many epochs (more rows: at least as many steps)
+  # on a schedule of its own length (annealed to its end, not cut in the middle).
   run_dir = os.path.join(tmp_path, record["run_dir"])
   refit_steps = report._read_curve(run_dir)[0]
   assert info["refit_steps"] >= info["best_step"] and refit_steps[-1] == info["refit_steps"]
+  assert info["num_steps"] == info["refit_steps"]
   assert os.path.isdir(os.path.join(run_dir, "select", "checkpoints"))
   entry = results["warm_ratio"]["RecFusion"]
   assert entry["epochs_to_best"] == info["epochs_to_best"] and entry["epochs"] == info["epochs"]
