@@ -125,19 +125,23 @@ def test_processes_split_each_epoch_exactly(num_examples, process_count):
                                                num_epochs=num_epochs, process_index=p,
                                                process_count=process_count))
     assert all(b.shape == (BATCH,) for b in batches)
-    per_process.append(np.concatenate(batches))
+    per_process.append(batches)
   # Same number of steps on every process, or multi-host training would hang.
-  assert len({ids.size for ids in per_process}) == 1
-  shard_len = -(-num_examples // process_count)
-  epochs = []
-  for e in range(num_epochs):
-    seen = np.concatenate([ids[e * shard_len:(e + 1) * shard_len] for ids in per_process])
-    seen = seen[seen >= 0]
+  assert len({len(batches) for batches in per_process}) == 1
+  # The global batches (process blocks in process order) are one process's batches of
+  # process_count times the rows: the stream does not depend on the process count.
+  stream = np.concatenate([np.concatenate(blocks) for blocks in zip(*per_process)])
+  single = np.concatenate(list(pipeline.example_id_batches(
+      num_examples, BATCH * process_count, seed=5, num_epochs=num_epochs, process_index=0,
+      process_count=1)))
+  np.testing.assert_array_equal(stream, single)
+  epochs = [stream[e * num_examples:(e + 1) * num_examples] for e in range(num_epochs)]
+  for seen in epochs:
     np.testing.assert_array_equal(np.sort(seen), np.arange(num_examples))
-    epochs.append(seen)
   assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
-  # Only the tail of the last batch is padding beyond the range padding.
-  assert all((ids[num_epochs * shard_len:] == -1).all() for ids in per_process)
+  # Only the tail of the last global batch is padding.
+  tail = stream[num_epochs * num_examples:]
+  assert tail.size < BATCH * process_count and (tail == -1).all()
 
 
 def test_infinite_stream_and_argument_errors():

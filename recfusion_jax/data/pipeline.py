@@ -2,13 +2,17 @@
 
 Pipeline (per process)::
 
-  range(num batches) -> example ids of the batch (this process's strided slice of a global,
-  per-epoch permutation; same seed on every process) -> gather the batch from the
-  TrainExampleIndex in one vectorised call -> to_iter_dataset -> optional multiprocess prefetch
+  range(num batches) -> example ids of the batch (this process's block of the global batch:
+  consecutive positions of a global, per-epoch permutation; same seed on every process) ->
+  gather the batch from the TrainExampleIndex in one vectorised call -> to_iter_dataset ->
+  optional multiprocess prefetch
 
-Shuffling before slicing makes the processes split one global permutation, so together they
-see every example exactly once per epoch. The range is padded up to a multiple of the process
-count (padding ids become masked rows) so every process yields the same number of batches.
+Global batch ``n`` is positions ``n * G .. (n + 1) * G - 1`` of the stream of epochs (each a
+permutation of all examples), ``G`` = local batch size x process count; process ``p`` reads its
+``p``-th block of ``G / P`` rows, the rows ``make_global_batch`` gives it. So the processes
+together see every example exactly once per epoch, all yield the same number of batches, and
+the global batches (rows in order) do not depend on the process count: P processes train on
+exactly the batches one process would.
 
 Checkpointing: the returned ``grain.DatasetIterator`` has ``get_state``/``set_state`` (JSON-able
 dicts). With Orbax, save it next to the model (``checkpointing.Checkpointer`` does)::
@@ -42,9 +46,9 @@ from recfusion_jax.sharding import DATA_AXES
 class _BatchExampleIds:
   """Batch number -> the example ids of that batch in this process's stream (picklable).
 
-  The stream of process ``p`` of ``P`` is, epoch after epoch, positions ``p, p + P, ...`` of
-  that epoch's global permutation of the padded range. Ids past ``num_examples`` (range
-  padding) and slots past the end of a finite run are -1.
+  The global stream is, epoch after epoch, that epoch's permutation of ``range(num_examples)``;
+  batch ``n`` of process ``p`` of ``P`` is its positions ``(n * P + p) * batch_size + [0,
+  batch_size)``. Slots past the end of a finite run are -1.
   """
 
   def __init__(self, num_examples: int, batch_size: int, seed: int, process_index: int,
@@ -54,9 +58,7 @@ class _BatchExampleIds:
     self.seed = seed
     self.process_index = process_index
     self.process_count = process_count
-    self.padded = -(-num_examples // process_count) * process_count
-    self.shard_len = self.padded // process_count
-    self.stream_len = None if num_epochs is None else num_epochs * self.shard_len
+    self.stream_len = None if num_epochs is None else num_epochs * num_examples
     self._init_cache()
 
   def _init_cache(self):
@@ -75,30 +77,30 @@ class _BatchExampleIds:
   def num_batches(self) -> int:
     if self.stream_len is None:
       return sys.maxsize
-    return -(-self.stream_len // self.batch_size)
+    return -(-self.stream_len // (self.batch_size * self.process_count))
 
   def _permutation(self, epoch: int) -> np.ndarray:
     # Consecutive batches reuse the current (and, across a boundary, the previous) epoch.
     with self._lock:
       perm = self._cache.get(epoch)
       if perm is None:
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.padded)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
         if len(self._cache) >= 2:
           del self._cache[min(self._cache)]
         self._cache[epoch] = perm
       return perm
 
   def __call__(self, batch_number: int) -> np.ndarray:
-    position = int(batch_number) * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    block = int(batch_number) * self.process_count + self.process_index
+    position = block * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
     valid = np.ones(self.batch_size, dtype=bool)
     if self.stream_len is not None:
       valid = position < self.stream_len
-    epoch, offset = np.divmod(position, self.shard_len)
+    epoch, offset = np.divmod(position, self.num_examples)
     out = np.full(self.batch_size, -1, dtype=np.int64)
     for e in np.unique(epoch[valid]):
       rows = valid & (epoch == e)
-      ids = self._permutation(int(e))[offset[rows] * self.process_count + self.process_index]
-      out[rows] = np.where(ids < self.num_examples, ids, -1)
+      out[rows] = self._permutation(int(e))[offset[rows]]
     return out
 
 
