@@ -9,10 +9,13 @@ Pipeline (per process)::
 
 Global batch ``n`` is positions ``n * G .. (n + 1) * G - 1`` of the stream of epochs (each a
 permutation of all examples), ``G`` = local batch size x process count; process ``p`` reads its
-``p``-th block of ``G / P`` rows, the rows ``make_global_batch`` gives it. So the processes
-together see every example exactly once per epoch, all yield the same number of batches, and
-the global batches (rows in order) do not depend on the process count: P processes train on
-exactly the batches one process would.
+``p``-th block of ``G / P`` rows. So the processes together see every example exactly once per
+epoch and all yield the same number of batches; and where the mesh holds each process's devices
+together in process order (``sharding.make_mesh`` on CPU processes), ``make_global_batch`` puts
+block ``p`` at rows ``p * G / P ..``: the global batches, rows in order, do not depend on the
+process count, and P processes train on exactly the batches one process would
+(tests/test_multiprocess.py). Per-user rows (``example`` cloze / next) are the exception in
+their random choices, which ``examples.make_user_batch`` seeds with the users of one block.
 
 Checkpointing: the returned ``grain.DatasetIterator`` has ``get_state``/``set_state`` (JSON-able
 dicts). With Orbax, save it next to the model (``checkpointing.Checkpointer`` does)::
