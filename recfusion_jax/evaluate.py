@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from recfusion_jax import metrics
+from recfusion_jax import metrics, sharding
 
 ScoreFn = Callable[[Any, Any], jax.Array]
 PyTree = Any
@@ -106,9 +106,12 @@ def _pad_rows(x: Any, num_rows: int) -> Any:
 
 
 def _put(tree: PyTree, mesh: Mesh | None, spec: P) -> PyTree:
+  """Host values (the same on every process) onto ``mesh`` by ``spec``; each process places
+  its own devices' part (``sharding.put_global``), so a mesh may span processes."""
   if mesh is None:
     return jax.device_put(tree)
-  return jax.device_put(tree, NamedSharding(mesh, spec))
+  placement = NamedSharding(mesh, spec)
+  return sharding.put_global(tree, jax.tree.map(lambda _: placement, tree))
 
 
 def _user_block(tree: PyTree, rows: np.ndarray) -> PyTree:

@@ -122,6 +122,10 @@ def export_for_serving(model: RecFusion, dataset: RecDataset, out_dir: str | epa
       "text_vocab_size": text_vocab_size, "programs": list(programs),
   }
   # epath.Path, not str: save_arrays then writes through epath (local or gs://).
+  # The parameters are device arrays, split over the mesh they were restored onto; writing a
+  # file needs host values, so save_arrays gathers each one to the host, one array at a time,
+  # here at export time and nowhere else (the export CLI is one process, whose devices hold
+  # every shard).
   manifest["params"] = serving.save_arrays(out / "weights", functions.params)
   manifest["item_table"] = serving.save_arrays(out / "item_table", tables["item_table"])
   manifest["user_table"] = serving.save_arrays(out / "user_table", tables["user_table"])

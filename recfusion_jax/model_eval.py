@@ -33,13 +33,23 @@ def model_ranker(model: RecFusion, dataset: RecDataset, catalogue: Catalogue | N
 
   Users' histories are read from the model's item cache, so the cache is first re-encoded from
   ``catalogue`` with the final parameters: eval-mode encodings, and a modality masked at test
-  time (missing_modality) cannot leak in through the histories. The model is changed in place.
+  time (missing_modality) cannot leak in through the histories. That cache belongs to a model
+  of the ranker's own: the caller's model (a train loop's state, say) keeps its cache.
+
+  The model's arrays stay where they are (``Recommender``): a model on a mesh is encoded and
+  ranked there with its parameters split as training split them, never gathered.
   """
   catalogue = dataset.catalogue if catalogue is None else catalogue
+  # New Variables holding the same arrays: replacing the cache below touches no one else's.
+  graphdef, state = nnx.split(model)
+  model = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
   emb, presence = model.to_cache_width(
       *Recommender(model, chunk=chunk).encode_catalogue(catalogue))
-  model.cache_embeddings.set_value(emb)   # a whole new (host) array: the old one is read-only
-  model.cache_presence.set_value(presence)
+  for variable, value in ((model.cache_embeddings, emb), (model.cache_presence, presence)):
+    old = variable.get_value()
+    if isinstance(old, jax.Array):   # placed as the cache it replaces lies: split on a mesh
+      value = sharding.put_global(np.asarray(value), old.sharding)
+    variable.set_value(value)
   rec = Recommender(model, chunk=chunk)
   index = examples.TrainExampleIndex.build(dataset)
   return Ranker(
@@ -52,18 +62,19 @@ def make_validator(dataset: RecDataset, config: ml_collections.ConfigDict, graph
                    mesh: Any):
   """(state) -> full-ranking metrics on ``dataset.valid`` (train items excluded), the path
   ``benchmark --split valid`` scores. ``graphdef`` and the states are those of the train loop's
-  (model, optimizer) pair, possibly sharded over ``mesh``."""
+  (model, optimizer) pair, possibly sharded over ``mesh``: the model is encoded and its users
+  ranked on ``mesh`` from those very arrays (no copy of the state is made; its cache is left
+  as training wrote it)."""
   if len(dataset.valid) == 0:
     raise ValueError(f"validation.every={config.validation.every} needs a valid split; "
                      f"{dataset.name} has none")
-  rank_mesh = mesh if jax.process_count() == 1 else None
 
   def validate(state: Any) -> dict[str, float]:
-    model, _ = nnx.merge(graphdef, sharding.to_host(state, mesh))
+    model, _ = nnx.merge(graphdef, state)
     ranker = model_ranker(model, dataset, history_len=config.model.user.history_len,
                           chunk=config.eval_block_size)
     return rank_split(ranker, dataset, dataset.valid, block_size=config.eval_block_size,
-                      mesh=rank_mesh)
+                      mesh=mesh)
 
   return validate
 

@@ -139,7 +139,26 @@ def put_global(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(put, tree, shardings)
 
 
-def to_host(tree: Any, mesh: Mesh) -> Any:
-  """A full NumPy copy of a (possibly multi-process, sharded) tree on every process."""
-  tree = jax.jit(lambda t: t, out_shardings=replicated(mesh))(tree)
-  return jax.tree.map(lambda x: x if _is_key(x) else np.asarray(x), tree)
+def put_rows(tree: Any, mesh: Mesh) -> Any:
+  """Host arrays (the same on every process) with their leading axis split over the mesh's
+  batch axes (``batch_sharding``): each process places only its own devices' rows."""
+  rows = batch_sharding(mesh)
+  return put_global(tree, jax.tree.map(lambda _: rows, tree))
+
+
+def whole_rows(rows: int, mesh: Mesh | None) -> int:
+  """``rows`` rounded up to a number ``batch_sharding(mesh)`` splits evenly (no mesh: as is)."""
+  if mesh is None:
+    return rows
+  shards = int(np.prod([mesh.shape[axis] for axis in DATA_AXES]))
+  return -(-rows // shards) * shards
+
+
+def mesh_of(tree: Any) -> Mesh | None:
+  """The mesh ``tree``'s arrays are laid out on (by their NamedShardings), or None when none
+  is (host values, arrays on one device)."""
+  meshes = {x.sharding.mesh for x in jax.tree.leaves(tree)
+            if isinstance(getattr(x, "sharding", None), NamedSharding)}
+  if len(meshes) > 1:
+    raise ValueError(f"arrays on {len(meshes)} different meshes: {meshes}")
+  return meshes.pop() if meshes else None

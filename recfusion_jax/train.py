@@ -280,15 +280,20 @@ def _refresh_cache_fn(graphdef, state_shardings):
 
 
 def refresh_cache(refresh_fn, state, dataset: RecDataset, chunk: int) -> Any:
-  """Re-encodes the whole catalogue into the item cache (host loop over fixed-size chunks)."""
+  """Re-encodes the whole catalogue into the item cache (host loop over fixed-size chunks,
+  each chunk's rows split over the state's mesh as a batch's are)."""
   cat = dataset.catalogue
   n = cat.num_items
+  mesh = sharding.mesh_of(state)
+  chunk = sharding.whole_rows(chunk, mesh)
   for start in range(0, n, chunk):
     ids = np.arange(start, start + chunk)
     valid = ids < n
     ids = np.where(valid, ids, 0)
     content = cat.content(ids)
     content.update(item_id=ids.astype(np.int32), valid=valid)
+    if mesh is not None:
+      content = sharding.put_rows(content, mesh)
     state = refresh_fn(state, content)
   return state
 
@@ -401,7 +406,8 @@ class _NonFiniteWatch:
 
 
 class TrainedModel(NamedTuple):
-  """What ``train_model`` returns: the final model (host copy), its data, mesh and logs."""
+  """What ``train_model`` returns: the final model (its arrays on ``mesh``, split as training
+  split them), its data, mesh and logs."""
 
   model: RecFusion
   dataset: RecDataset
@@ -632,8 +638,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     data_iter.close()
     ckpt.close()   # waits for the saves in flight
 
-  # A host copy of the final state, so evaluation can run on one process's devices alone.
-  model, _ = nnx.merge(graphdef, sharding.to_host(state, mesh))
+  # The model stays split over the mesh as training left it (the optimizer's part is dropped);
+  # evaluation, recommendation and export run on the mesh from these arrays.
+  model, _ = nnx.merge(graphdef, state)
   return TrainedModel(model, dataset, mesh, history, watch.skipped, valid_history,
                       tracker.best, step)
 
@@ -642,10 +649,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        ) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates the result."""
   trained = train_model(config, workdir)
-  # With one process the evaluation is sharded over the mesh; with several, every process ranks
-  # all users on its own devices (same result on each).
-  results = model_eval.evaluate_model(trained.model, trained.dataset, config,
-                                      trained.mesh if jax.process_count() == 1 else None,
+  # On the mesh, with every process (the model's parameters are split over all of them).
+  results = model_eval.evaluate_model(trained.model, trained.dataset, config, trained.mesh,
                                       split=config.get("eval_split", "test"))
   results["train_history"] = trained.history
   if trained.valid_history:

@@ -3,6 +3,8 @@
 The sharded train step equals the single-device one (4 data x 2 fsdp); model + optimizer are
 born sharded (``train.create_sharded_state``, 2 data x 4 fsdp): each device holds a quarter of
 every split leaf, the values equal the eager init, ``init_from`` lands on the shardings.
+Evaluation (validation and the final one) runs from that sharded state, each device still
+holding a quarter, with the metrics of a single-device copy.
 """
 
 import types
@@ -14,7 +16,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from recfusion_jax import sharding, train
+from recfusion_jax import model_eval, sharding, train
+from recfusion_jax.data import sources
+from recfusion_jax.recommend import inference
 from recfusion_jax.convert import checkpoint as convert_checkpoint
 from tests.helpers import assert_states_close, random_batch, tiny_config
 
@@ -184,3 +188,93 @@ def test_init_from_lands_on_the_shardings(born_sharded):
     np.testing.assert_array_equal(np.asarray(node[...]), want, err_msg=path)
     # Placed on the parameter's own sharding (the 1-D scale is below the split threshold).
     assert _is_split(node[...].sharding) == (node[...].ndim == 2), path
+
+
+def _per_device_bytes(arrays):
+  """{bytes on each device} of ``arrays`` (PRNG keys left out)."""
+  return {sum(_bytes_on(d, x) for x in arrays if not _is_key(x)) for d in jax.devices()}
+
+
+def test_evaluation_runs_on_the_sharded_state(monkeypatch):
+  """Validation and the final evaluation encode the catalogue and rank users on the mesh from
+  the train loop's state: every split parameter, Adam moment and the re-encoded item cache
+  stay split (a quarter per device), no replica of a split array appears, and the metrics equal
+  a single-device copy's."""
+  config = tiny_config(**{"optimizer.warmup_steps": 1})
+  config.eval_block_size = 32
+  config.data.synthetic.num_items, config.data.synthetic.num_users = 64, 48
+  dataset = sources.load_dataset(config)
+  mesh = sharding.make_mesh(data=2, fsdp=FSDP)
+  tx, schedule = train.make_optimizer(config, 10)
+  graphdef, state, shardings = train.create_sharded_state(config, dataset, mesh, tx,
+                                                          min_elements=64)
+  step = train.jit_train_step(graphdef, shardings, mesh, schedule=schedule,
+                              **train.step_settings(config))
+  for i in range(2):
+    batch = random_batch(config, BATCH, dataset.num_users, dataset.catalogue.num_items, seed=i)
+    state, _ = step(state, jax.device_put(batch, sharding.batch_sharding(mesh)))
+  state = train.refresh_cache(train._refresh_cache_fn(graphdef, shardings), state, dataset,  # pylint: disable=protected-access
+                              config.eval_block_size)
+
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  specs = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+  named = {sharding.path_name(p): (x, s) for (p, x), s in zip(leaves, specs)}
+  split = {n: x for n, (x, s) in named.items() if _is_split(s)}
+  split_bytes = sum(x.nbytes for x in split.values())
+  whole_bytes = sum(x.nbytes for x, s in named.values() if not _is_split(s) and not _is_key(x))
+  assert split_bytes > 0.75 * (split_bytes + whole_bytes), (split_bytes, whole_bytes)
+  want = split_bytes // FSDP + whole_bytes
+  model_want = (sum(x.nbytes for n, x in split.items() if n.startswith("0/")) // FSDP
+                + sum(x.nbytes for n, (x, s) in named.items() if n.startswith("0/")
+                      and not _is_split(s) and not _is_key(x)))
+  assert _per_device_bytes([x for x, _ in named.values()]) == {want}   # during training
+  split_shapes = {(x.shape, x.dtype) for x in split.values()}
+
+  # The host path's numbers: the same state whole on one device.
+  one_device = jax.device_put(state, jax.devices()[0])
+  assert sharding.mesh_of(one_device) is None
+  validate = model_eval.make_validator(dataset, config, graphdef, mesh)
+  host_valid = validate(one_device)
+  host_final = model_eval.evaluate_model(nnx.merge(graphdef, one_device)[0], dataset, config,
+                                         mesh)
+  del one_device
+
+  seen = []
+  init = inference.Recommender.__init__
+
+  def spy(self, model, *args, **kwargs):
+    init(self, model, *args, **kwargs)
+    assert self.mesh == mesh
+    for path, x in jax.tree_util.tree_flatten_with_path(self.state)[0]:
+      name = "0/" + sharding.path_name(path)
+      assert x.sharding.is_equivalent_to(named[name][1], x.ndim), (name, x.sharding)
+    # The evaluator's model (the re-encoded cache included) holds a quarter of each split leaf.
+    assert _per_device_bytes(jax.tree.leaves(self.state)) == {model_want}
+    # The train state is whole and unchanged in place: a quarter per device.
+    assert _per_device_bytes([x for x, _ in named.values()]) == {want}
+    # Nothing split in training has a replicated copy anywhere (a gathered parameter would):
+    # the replicated arrays alive are the states' own unsplit leaves and small activations.
+    own = {id(x) for x in jax.tree.leaves((self.state, state))}
+    for x in jax.live_arrays():
+      if (len(x.sharding.device_set) > 1 and x.sharding.is_fully_replicated
+          and id(x) not in own):
+        assert (x.shape, x.dtype) not in split_shapes, (x.shape, x.dtype)
+    seen.append(self.mesh)
+
+  monkeypatch.setattr(inference.Recommender, "__init__", spy)
+  valid = validate(state)
+  final = model_eval.evaluate_model(nnx.merge(graphdef, state)[0], dataset, config, mesh)
+  assert len(seen) == 4   # model_ranker's two, in validation and in the final evaluation
+  for x, _ in named.values():
+    assert not x.is_deleted()
+
+  def assert_equal(got, want_metrics):
+    assert set(got) == set(want_metrics)
+    for key, value in want_metrics.items():
+      np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-6, err_msg=key)
+
+  assert valid["num_users"] > 0
+  assert_equal(valid, host_valid)
+  assert set(final) == set(host_final) >= {"warm", "warm_random"}
+  for group, metrics in host_final.items():
+    assert_equal(final[group], metrics)

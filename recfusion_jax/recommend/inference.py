@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from recfusion_jax import serving
+from recfusion_jax import serving, sharding
 from recfusion_jax.data.types import MODALITIES, Catalogue, feature_key
 from recfusion_jax.models.fusion import fused_scores
 from recfusion_jax.models.recfusion import RecFusion, source_names
@@ -53,7 +53,19 @@ def content_inputs(catalogue: Catalogue, item_ids: np.ndarray) -> dict[str, np.n
 
 
 class Recommender:
-  """Eval-mode view of a RecFusion model: ``graphdef`` + a state (model state only)."""
+  """Eval-mode view of a RecFusion model: ``graphdef`` + a state (model state only).
+
+  The state's arrays stay where they are. When they lie on a mesh (``sharding.mesh_of``: a
+  model out of training or a checkpoint restore, split as ``sharding.PARAM_RULES`` split it),
+  each chunk's rows are split over the mesh's batch axes and every program runs on the mesh
+  with the parameters as they are: no device ever holds more of them than training gave it.
+  Otherwise (one device, host arrays) the programs run on the default device.
+
+  Every method returns host arrays (NumPy). On a mesh each chunk's outputs are gathered onto
+  every device inside the program (``out_shardings`` replicated), so every process reads the
+  whole chunk from its own devices: these are activations (encodings, user vectors) that the
+  evaluator indexes on the host on every process, never parameters.
+  """
 
   def __init__(self, model: RecFusion, chunk: int = 256):
     # An eval-mode view sharing the model's arrays, so the caller's model keeps its own mode.
@@ -62,17 +74,27 @@ class Recommender:
     self.graphdef, self.state = nnx.split(view)
     self.kind = model.fusion.kind
     self.gate_dim = model.fusion.gate_dim
-    self.chunk = chunk
-    self._encode = jax.jit(functools.partial(_encode_content, self.graphdef))
-    self._table = jax.jit(functools.partial(_item_table, self.graphdef))
-    self._users = jax.jit(functools.partial(_encode_users, self.graphdef))
+    self.mesh = sharding.mesh_of(self.state)
+    self.chunk = sharding.whole_rows(chunk, self.mesh)
+    jit = jax.jit
+    if self.mesh is not None:
+      jit = functools.partial(jax.jit, out_shardings=sharding.replicated(self.mesh))
+    self._encode = jit(functools.partial(_encode_content, self.graphdef))
+    self._table = jit(functools.partial(_item_table, self.graphdef))
+    self._users = jit(functools.partial(_encode_users, self.graphdef))
+
+  def _run(self, program, inputs: Mapping[str, np.ndarray]) -> Any:
+    """``program(state, inputs)`` on one (padded) chunk, its rows split over the mesh."""
+    if self.mesh is not None:
+      inputs = sharding.put_rows(dict(inputs), self.mesh)
+    return program(self.state, inputs)
 
   def encode_catalogue(self, catalogue: Catalogue,
                        item_ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-modality embeddings [N, M, d] and presence [N, M] of (a subset of) the catalogue."""
     ids = np.arange(catalogue.num_items) if item_ids is None else np.asarray(item_ids)
     # Content is gathered chunk by chunk: a catalogue's images are never copied all at once.
-    parts = [chunked(lambda c: self._encode(self.state, c),
+    parts = [chunked(lambda c: self._run(self._encode, c),
                      content_inputs(catalogue, ids[start:start + self.chunk]), self.chunk)
              for start in range(0, len(ids), self.chunk)]
     return tuple(np.concatenate(xs) for xs in zip(*parts))
@@ -86,11 +108,11 @@ class Recommender:
     has_id = catalogue.has_id if has_id is None else has_id
     inputs = {"item_id": np.arange(catalogue.num_items, dtype=np.int32), "has_id": has_id,
               "emb": content_emb, "presence": presence}
-    return chunked(lambda x: self._table(self.state, x), inputs, self.chunk)
+    return chunked(lambda x: self._run(self._table, x), inputs, self.chunk)
 
   def encode_users(self, user_inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{'emb': [U, d], 'query': [U, h] or absent} from user_id/user_has_id/history/history_mask."""
-    return chunked(lambda x: self._users(self.state, x), dict(user_inputs), self.chunk)
+    return chunked(lambda x: self._run(self._users, x), dict(user_inputs), self.chunk)
 
   def score_fn(self):
     """Pure ``(user_block, item_table) -> scores [Ub, I]`` for the evaluator (ranking only:
