@@ -46,6 +46,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from data_prep import cli
 from data_prep.tables import BAD_INPUT_KEYS, DEFAULT_RAW_DIR, REPAIR_KEYS, BuildReport, Content, Tables
 from data_prep.tables import prepare_content, prepare_tables
 from recfusion_jax.data import splits as splits_lib
@@ -182,11 +183,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> int:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  f = flags.FLAGS
-  if not f.out_dir:  # not required=True: that would break other CLIs' parsing in one process
-    raise app.UsageError("--out_dir is required")
+  f = cli.parsed_flags(argv)
   build(f.raw_dir, f.out_dir, f.image_size, f.text_len, f.tokenizer,
         tuple(int(s) for s in f.seeds), f.reuse_tfds)
   return 0

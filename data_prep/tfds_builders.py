@@ -1,9 +1,11 @@
-"""TFDS builders (ArrayRecord) for the MovieLens multimodal items and interactions.
+"""TFDS builders (ArrayRecord): the MovieLens multimodal items and interactions, and the
+synthetic multimodal items of ``data_prep.synthetic_pod``.
 
-Kept apart from ``data_prep.movielens`` because TFDS registers every builder class by name when
-the class is defined: ``python -m data_prep.movielens`` runs that module a second time as
-``__main__``, which would define (and register) the classes twice. Both read the raw files
-through ``data_prep.tables``, so neither imports the other.
+Kept apart from ``data_prep.movielens`` (and ``data_prep.synthetic_pod``) because TFDS registers
+every builder class by name when the class is defined: ``python -m data_prep.movielens`` runs
+that module a second time as ``__main__``, which would define (and register) the classes twice.
+The MovieLens builders and the build read the raw files through ``data_prep.tables``, so neither
+imports the other.
 
 The raw-data directory comes from, in order: the builder config's ``raw_dir``; TFDS's
 ``manual_dir`` (``download_and_prepare(download_config=tfds.download.DownloadConfig(
@@ -13,12 +15,16 @@ manual_dir=...))``); ``../shared/data`` next to the repository.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 from data_prep import tables
+from recfusion_jax.data import synthetic
 
 _CITATION = """\
 @article{harper2015movielens,
@@ -183,4 +189,88 @@ def build_interactions(data_dir: str, raw_dir: str | None = None, overwrite: boo
   """Builds (or reuses) the interactions data set under ``data_dir``; returns its folder."""
   builder = MovielensMmInteractions(
       data_dir=data_dir, config=InteractionsConfig(name="default", raw_dir=raw_dir))
+  return _prepare(builder, overwrite)
+
+
+@dataclasses.dataclass(eq=False)
+class SyntheticItemsConfig(tfds.core.BuilderConfig):
+  """``generator``: the ``SyntheticConfig`` fields; ``chunk_items``: items drawn at a time (the
+  content is deterministic in the seed and the chunk size)."""
+
+  generator: dict[str, Any] = dataclasses.field(default_factory=dict)
+  chunk_items: int = 8
+
+
+def synthetic_items_config(generator: dict[str, Any] | None = None, chunk_items: int = 8
+                           ) -> SyntheticItemsConfig:
+  cfg = synthetic.resolve_config(generator)
+  fields = dataclasses.asdict(cfg)
+  digest = hashlib.sha1(json.dumps([fields, chunk_items], sort_keys=True).encode()).hexdigest()
+  # The shapes name the config; the digest keeps sets of other generator settings apart.
+  name = (f"n{cfg.num_items}_img{cfg.image_size}_vid{cfg.video_frames}_txt{cfg.text_len}_"
+          f"{digest[:10]}")
+  return SyntheticItemsConfig(name=name, generator=fields, chunk_items=chunk_items)
+
+
+class SyntheticMmItems(tfds.core.GeneratorBasedBuilder):
+  """Synthetic items with text, image and video (``recfusion_jax.data.synthetic``'s planted
+  topics), drawn ``chunk_items`` at a time; one split 'train'; ``index`` is the dense item id.
+
+  TFDS's writer keeps what it is given in memory up to 1 GB, then in 1,000 temporary buckets on
+  disk by key hash, each sorted alone when the shards are written: memory stays bounded whatever
+  the catalogue's size. (``disable_shuffling`` would keep item order in the records but puts
+  every small integer key in one bucket, which is then sorted whole in memory.)"""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Planted-topic text, image and video, streamed."}
+
+  def __init__(self, *, config: SyntheticItemsConfig | None = None,
+               file_format: str = "array_record", **kwargs):
+    super().__init__(config=config or synthetic_items_config(), file_format=file_format,
+                     **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    cfg = synthetic.resolve_config(self.builder_config.generator)
+    size, length, frames = cfg.image_size, cfg.text_len, cfg.video_frames
+    return self.dataset_info_from_configs(
+        description="Synthetic multimodal items with planted topics (recfusion_jax.data."
+                    "synthetic): topic words, topic image templates, moving topic videos.",
+        features=tfds.features.FeaturesDict({
+            "index": tfds.features.Scalar(dtype=np.int32, doc="dense item index"),
+            "item_id": tfds.features.Scalar(dtype=np.int64, doc="item id (= index)"),
+            "topic": tfds.features.Scalar(dtype=np.int32, doc="planted dominant topic"),
+            "text_ids": tfds.features.Tensor(shape=(length,), dtype=np.int32),
+            "text_mask": tfds.features.Tensor(shape=(length,), dtype=np.bool_),
+            "image": tfds.features.Image(shape=(size, size, 3), encoding_format="png"),
+            # Raw uint8 frames: noisy pixels barely compress, and decoding stays a copy.
+            "video": tfds.features.Tensor(shape=(frames, size, size, 3), dtype=np.uint8),
+            "has_text": tfds.features.Scalar(dtype=np.bool_),
+            "has_image": tfds.features.Scalar(dtype=np.bool_),
+            "has_video": tfds.features.Scalar(dtype=np.bool_),
+        }),
+    )
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    return {"train": self._generate_examples()}
+
+  def _generate_examples(self):
+    cfg = synthetic.resolve_config(self.builder_config.generator)
+    plan = synthetic.content_plan(cfg)
+    for start, chunk in synthetic.content_chunks(cfg, plan, self.builder_config.chunk_items):
+      for j, has in enumerate(chunk["presence"].tolist()):
+        k = start + j
+        yield k, {
+            "index": k, "item_id": k, "topic": int(chunk["topic"][j]),
+            "text_ids": chunk["text_ids"][j], "text_mask": chunk["text_mask"][j],
+            "image": chunk["image"][j], "video": chunk["video"][j],
+            "has_text": has[0], "has_image": has[1], "has_video": has[2],
+        }
+
+
+def build_synthetic_items(data_dir: str, generator: dict[str, Any], chunk_items: int = 8,
+                          overwrite: bool = False) -> str:
+  """Builds (or reuses) the synthetic items under ``data_dir``; returns its version folder."""
+  builder = SyntheticMmItems(data_dir=data_dir,
+                             config=synthetic_items_config(generator, chunk_items))
   return _prepare(builder, overwrite)

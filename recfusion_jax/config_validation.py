@@ -73,7 +73,7 @@ def _anything(value: Any) -> None:
 SCHEMA: dict[str, Any] = {
     "seed": _int(0),
     "data": {
-        "source": _choice("synthetic", "movielens", "mmrec"),
+        "source": _choice("synthetic", "movielens", "tfds", "mmrec"),
         "name": _anything, "filter_cold_users": _choice(True, False),   # mmrec
         "synthetic": None,
         "num_workers": _int(0),

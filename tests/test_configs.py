@@ -1,7 +1,8 @@
 """Every config file builds and passes the train loop's validation; recipes set what they say.
 
 (Training each config at its real size is the multi-host issue's work; this catches a config
-that no longer matches the loop or the model before anything compiles.)
+that no longer matches the loop or the model before anything compiles. Two real training steps
+of every config file, CPU-sized, are tests/test_config_training.py.)
 """
 
 import pytest
@@ -17,7 +18,7 @@ from recfusion_jax.models.recfusion import RecFusion
     (movielens, "size=small"), (movielens, "size=base,protocol=cold_items"),
     (movielens, "size=small,recipe=dot"), (movielens, "size=small,protocol=loo,recipe=dot"),
     (movielens, "size=small,recipe=dot,ablation=no_contrastive"),
-    (mmrec, None), (pod, None)])
+    (mmrec, None), (pod, None), (pod, "size=test"), (pod, "size=test,chips_per_replica=4")])
 def test_config_validates(module, arg):
   config = module.get_config(arg)
   config_validation.validate(config, training=True)

@@ -15,50 +15,7 @@ from recfusion_jax.benchmark.protocols import ProtocolData
 from recfusion_jax.data import mmrec, sources
 from recfusion_jax.data.types import MODALITIES, feature_key
 from recfusion_jax.models.encoder import ContentEncoder
-
-TEXT_DIM, IMAGE_DIM = 8, 12
-
-
-def _write_mmrec_files(root, name="baby", num_users=48, num_items=40, seed=0):
-  """A planted-topic set written the way MMRec's preprocessing writes it (pandas to_csv with
-  sep='\\t', index=False): users like one topic; labels by global time quantiles 0.7 / 0.8.
-
-  Planted oddities: item 0 has an all-zero image row (missing image), item 1 a NaN text row,
-  the last user appears only in test (a cold user MMRec drops), the last item only in test.
-  """
-  rng = np.random.default_rng(seed)
-  topics = 4
-  item_topic = np.arange(num_items) % topics
-  text = rng.normal(size=(topics, TEXT_DIM))[item_topic] + 0.3 * rng.normal(size=(num_items, TEXT_DIM))
-  image = rng.normal(size=(topics, IMAGE_DIM))[item_topic] + 0.3 * rng.normal(
-      size=(num_items, IMAGE_DIM))
-  image[0] = 0.0
-  text[1] = np.nan
-  rows = []
-  for u in range(num_users - 1):
-    liked = np.flatnonzero(item_topic == u % topics)
-    liked = liked[liked != num_items - 1]
-    for i in rng.choice(liked, size=6, replace=False):
-      rows.append((u, int(i), float(rng.integers(1, 6)), int(1_400_000_000 + rng.integers(0, 10**7))))
-  times = np.asarray([r[3] for r in rows])
-  cut = np.quantile(times, [0.7, 0.8])
-  label = np.where(times < cut[0], 0, np.where(times < cut[1], 1, 2))
-  late = int(times.max()) + 1
-  rows += [(num_users - 1, 3, 5.0, late), (0, num_items - 1, 4.0, late)]
-  label = np.r_[label, 2, 2]
-  data_dir = os.path.join(root, name)
-  os.makedirs(data_dir)
-  with open(os.path.join(data_dir, f"{name}.inter"), "w") as f:
-    f.write("userID\titemID\trating\ttimestamp\tx_label\n")
-    for (u, i, r, t), x in zip(rows, label):
-      f.write(f"{u}\t{i}\t{r}\t{t}\t{x}\n")
-  np.save(os.path.join(data_dir, "text_feat.npy"), text.astype(np.float32))
-  np.save(os.path.join(data_dir, "image_feat.npy"), image.astype(np.float32))
-  with open(os.path.join(data_dir, "i_id_mapping.csv"), "w") as f:
-    f.write("asin\titemID\n" + "".join(f"B00{i:05d}\t{i}\n" for i in range(num_items)))
-  with open(os.path.join(data_dir, "u_id_mapping.csv"), "w") as f:
-    f.write("user_id\tuserID\n" + "".join(f"A{u:06d}X\t{u}\n" for u in range(num_users)))
-  return data_dir, rows, label
+from tests.data_fixtures import IMAGE_DIM, TEXT_DIM, write_mmrec_files
 
 
 def _config(data_dir, steps=6):
@@ -77,7 +34,7 @@ def _config(data_dir, steps=6):
 
 
 def test_reader_follows_mmrec_layout_and_counts_what_it_drops(tmp_path):
-  data_dir, rows, label = _write_mmrec_files(str(tmp_path))
+  data_dir, rows, label = write_mmrec_files(str(tmp_path))
   dataset, report = mmrec.read_mmrec(data_dir)
   assert dataset.name == "mmrec/baby"
   assert (dataset.num_users, dataset.catalogue.num_items) == (48, 40)
@@ -113,7 +70,7 @@ def test_reader_follows_mmrec_layout_and_counts_what_it_drops(tmp_path):
 
 
 def test_reader_rejects_files_that_do_not_belong_together(tmp_path):
-  data_dir, _, _ = _write_mmrec_files(str(tmp_path))
+  data_dir, _, _ = write_mmrec_files(str(tmp_path))
   np.save(os.path.join(data_dir, "image_feat.npy"), np.ones((39, IMAGE_DIM), np.float32))
   with pytest.raises(ValueError, match="item counts disagree"):
     mmrec.read_mmrec(data_dir)
@@ -124,7 +81,7 @@ def test_reader_rejects_files_that_do_not_belong_together(tmp_path):
 
 
 def test_loader_names_the_feature_width_the_config_must_have(tmp_path):
-  data_dir, _, _ = _write_mmrec_files(str(tmp_path))
+  data_dir, _, _ = write_mmrec_files(str(tmp_path))
   config = _config(data_dir)
   config.model.encoder.image.feature_dim = 4096
   with pytest.raises(ValueError, match="image.feature_dim=12"):
@@ -157,7 +114,7 @@ def test_features_stem_gives_one_token_per_modality_and_masks_absent_ones(tmp_pa
 
 
 def test_recfusion_trains_on_mmrec_data_through_the_features_stems(tmp_path):
-  data_dir, _, _ = _write_mmrec_files(str(tmp_path / "data"))
+  data_dir, _, _ = write_mmrec_files(str(tmp_path / "data"))
   config = _config(data_dir, steps=6)
   dataset = sources.load_dataset(config)
   initial = train.create_model(config, dataset)
@@ -172,7 +129,7 @@ def test_recfusion_trains_on_mmrec_data_through_the_features_stems(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(registry.BASELINES))
 def test_every_baseline_fits_and_ranks_mmrec_data(tmp_path, name):
-  data_dir, _, _ = _write_mmrec_files(str(tmp_path))
+  data_dir, _, _ = write_mmrec_files(str(tmp_path))
   dataset, _ = mmrec.read_mmrec(data_dir)
   # The benchmark's own fit and scoring path: tune on valid, refit on train + valid, rank test.
   pdata = ProtocolData("mmrec", 0, dataset, common.merge_valid_into_train(dataset),

@@ -4,8 +4,6 @@ The build test runs on a tiny fake raw directory in the real file formats, with 
 input the report must count.
 """
 
-import csv
-import io
 import json
 import os
 
@@ -17,6 +15,7 @@ from data_prep import join
 from data_prep import movielens
 from data_prep import tables as tables_lib
 from recfusion_jax.data import splits
+from tests.data_fixtures import EXTRA, VOCAB, jpeg, write_movielens_raw
 
 # ----------------------------------------------------------------------------- title join
 
@@ -65,18 +64,11 @@ def test_join_exact_alternative_fallback_and_unmatched():
 # ----------------------------------------------------------------------------- content
 
 
-def _jpeg(color, size=(12, 18)) -> bytes:
-  from PIL import Image
-  buf = io.BytesIO()
-  Image.new("RGB", size, color).save(buf, format="JPEG", quality=95)
-  return buf.getvalue()
-
-
 def test_decode_poster_classifies_failures(tmp_path):
   good = tmp_path / "good.jpg"
-  good.write_bytes(_jpeg((200, 10, 10)))
+  good.write_bytes(jpeg((200, 10, 10)))
   (tmp_path / "corrupt.jpg").write_bytes(b"this is not an image" * 10)
-  (tmp_path / "truncated.jpg").write_bytes(_jpeg((0, 0, 255))[:200])
+  (tmp_path / "truncated.jpg").write_bytes(jpeg((0, 0, 255))[:200])
   (tmp_path / "empty.jpg").write_bytes(b"")
   pixels, status = content.decode_poster(str(good), 4)
   assert status == "ok" and pixels.shape == (4, 4, 3) and pixels.dtype == np.uint8
@@ -86,7 +78,6 @@ def test_decode_poster_classifies_failures(tmp_path):
     assert content.decode_poster(str(tmp_path / f"{name}.jpg"), 4) == (None, expected)
 
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "toy", "story", "movie", "a", "the", "."]
 
 
 def test_wordpiece_encoder_pads_truncates_and_marks(tmp_path):
@@ -251,89 +242,6 @@ def test_split_tsv_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- tiny raw build
 
-EXTRA = list(range(10, 22))  # ordinary items: description + poster
-PLACEHOLDER = ("It looks like we don't have any Plot Summaries for this title yet.\n"
-               "Be the first to contribute!")
-
-
-def _write_raw(root) -> dict:
-  """Writes a tiny raw directory with one of each bad input; returns expected facts."""
-  ml = root / "ml-100k"
-  ml.mkdir(parents=True)
-  items = [
-      (1, "Toy Story", "1995", "Animation Children's Comedy"),
-      (2, "Usual Suspects, The", "1995", "Crime Thriller"),
-      (3, "Seven (Se7en)", "1995", "Crime Thriller"),
-      (4, "Postino, Il", "1994", "Drama Romance"),
-      (5, "Horseman on the Roof, The (Hussard sur le toit, Le)", "1995", "Drama"),
-      (6, "Cérémonie, La", "1995", "Drama"),
-      (7, "Good Morning", "1971", "unknown"),
-      (8, "Land Before Time III: The Time of the Great Giving (1995)", "V", "Animation"),
-      (9, "unkonwn", "unkonwn", "unknown"),
-  ] + [(i, f"Movie Number {i}", "1990", "Drama") for i in EXTRA]
-  with open(ml / "ml-100k.item", "w", encoding="utf-8") as f:
-    f.write("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n")
-    f.writelines(f"{i}\t{t}\t{y}\t{g}\n" for i, t, y, g in items)
-  users = list(range(1, 9))
-  with open(ml / "ml-100k.user", "w", encoding="utf-8") as f:
-    f.write("user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n")
-    f.writelines(f"{u}\t30\tM\tother\t00000\n" for u in users)
-
-  rng = np.random.default_rng(0)
-  item_ids = [i for i, *_ in items]
-  rows = []
-  for u in users:
-    for t, i in enumerate(rng.choice(item_ids, size=12, replace=False).tolist()):
-      rows.append((u, i, int(rng.integers(1, 6)), 1000 * u + t))
-  dup_user, dup_item, _, dup_t = rows[0]
-  good = len(rows)
-  rows.append((dup_user, dup_item, 5, dup_t + 5000))  # duplicate, later: this one is kept
-  rows.append((99, 1, 4, 5))                            # unknown user
-  rows.append((1, 999, 4, 5))                           # unknown item
-  with open(ml / "ml-100k.inter", "w", encoding="utf-8") as f:
-    f.write("user_id:token\titem_id:token\trating:float\ttimestamp:float\n")
-    f.writelines(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows)
-    f.write("x\t1\t3\t5\n")                             # malformed
-
-  details = root / "ml-100k-details"
-  details.mkdir()
-  desc = {1: "A cowboy doll is threatened by a new spaceman toy.",
-          2: "A sole survivor tells of the twisty events.",
-          3: "Two detectives hunt a serial killer.", 4: "A postman learns to love poetry.",
-          5: PLACEHOLDER, 6: "   "}
-  desc.update({i: f"The story of movie {i}." for i in EXTRA})
-  buf = io.StringIO(newline="")
-  writer = csv.writer(buf)
-  writer.writerow(["movie_genres", "movie_id", "movie_title", "description", "year"])
-  for i, d in desc.items():
-    writer.writerow(["[1]", i, f"title {i}", d, "1995.0"])
-  writer.writerow(["[1]", 999, "not in ml-100k", "An unknown movie.", "1990.0"])
-  writer.writerow(["[1]", 1, "again", "A duplicate row.", "1995.0"])
-  data = buf.getvalue().encode("utf-8")
-  data += b'"[1]",7,"Good Morning","Two brothers \xff\xfe want a TV.","1971.0"\r\n'
-  (details / "movielens100k_details.csv").write_bytes(data)
-
-  posters = root / "ml-1m-posters" / "posters"
-  posters.mkdir(parents=True)
-  ml1m = [(11, "Toy Story (1995)"), (12, "Usual Suspects, The (1995)"), (13, "Se7en (1995)"),
-          (14, "Postino, Il (1995)"), (15, "Hussard sur le toit, Le (1995)"),
-          (16, "Cérémonie, La (1995)"),
-          (18, "Land Before Time III: The Time of the Great Giving (1995)"),
-          (50, "Something Else (1980)")] + [(i + 100, f"Movie Number {i} (1990)") for i in EXTRA]
-  with open(root / "ml-1m-posters" / "movies.dat", "wb") as f:
-    for mid, title in ml1m:
-      f.write(f"{mid}::{title}::Drama\n".encode("latin-1"))  # like the original file
-  colours = {}
-  for mid in [11, 12, 16, 18] + [i + 100 for i in EXTRA]:
-    colours[mid] = tuple(int(c) for c in rng.integers(0, 256, size=3))
-    (posters / f"{mid}.jpg").write_bytes(_jpeg(colours[mid]))
-  (posters / "13.jpg").write_bytes(b"\x00garbage, not a jpeg" * 20)
-  (posters / "14.jpg").write_bytes(_jpeg((1, 2, 3), size=(64, 96))[:300])
-  (posters / "50.jpg").write_bytes(_jpeg((9, 9, 9)))
-  return {"items": len(items), "users": len(users), "interactions": good,
-          "dup": (dup_user, dup_item, dup_t + 5000), "colours": colours, "raw": str(root)}
-
-
 def test_grouplens_original_files_are_read_too(tmp_path):
   # The GroupLens ml-100k.zip layout (u.data, u.item, u.user; Latin-1, pipes) instead of RecBole.
   ml = tmp_path / "ml-100k"
@@ -359,7 +267,7 @@ def test_grouplens_original_files_are_read_too(tmp_path):
 def built(tmp_path_factory):
   root = tmp_path_factory.mktemp("ml")
   raw = root / "raw"
-  expected = _write_raw(raw)
+  expected = write_movielens_raw(raw)
   vocab = root / "vocab.txt"
   vocab.write_text("\n".join(VOCAB + ["cowboy", "doll", "of"]) + "\n")
   out = root / "out"

@@ -4,8 +4,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from recfusion_jax.data.synthetic import (SyntheticConfig, make_synthetic,
-                                          make_synthetic_with_truth, resolve_config)
+from recfusion_jax.data.synthetic import (SyntheticConfig, content_chunks, content_plan,
+                                          make_synthetic, make_synthetic_with_truth,
+                                          resolve_config, stream_interactions)
 from recfusion_jax.data.types import MODALITIES, RecDataset
 
 
@@ -197,3 +198,39 @@ def test_config_sources_and_errors():
     make_synthetic(min_interactions=2)
   with pytest.raises(TypeError):
     make_synthetic(42)
+
+
+def test_streamed_catalogue_keeps_the_planted_structure():
+  """content_chunks / stream_interactions (data_prep.synthetic_pod's generator): chunks of at
+  most chunk_items items, absent content zero, images of an item's topic, users who keep to
+  their topics, distinct items per user in time order, the same log from the same seed."""
+  cfg = resolve_config(num_items=300, num_users=200, min_interactions=5, max_interactions=15)
+  plan = content_plan(cfg)
+  chunks = list(content_chunks(cfg, plan, 32))
+  assert [start for start, _ in chunks] == list(range(0, 300, 32))
+  assert max(len(c["topic"]) for _, c in chunks) == 32
+  whole = {key: np.concatenate([c[key] for _, c in chunks]) for key in chunks[0][1]}
+  assert whole["video"].shape == (300, 4, 16, 16, 3) and whole["video"].dtype == np.uint8
+  np.testing.assert_array_equal(whole["presence"], plan.presence)
+  np.testing.assert_array_equal(whole["topic"], plan.item_topic)
+  for k, key in enumerate(("text_mask", "image", "video")):
+    assert not whole[key][~plan.presence[:, k]].any(), key
+  shown = np.flatnonzero(plan.presence[:, 1])
+  pixels = (whole["image"][shown].astype(np.float32) - 128.0).reshape(shown.size, -1)
+  nearest = np.argmax(pixels @ plan.image_templates.reshape(cfg.num_topics, -1).T, axis=1)
+  assert (nearest == plan.item_topic[shown]).mean() > 0.8
+
+  log = stream_interactions(cfg, plan.item_topic, users_per_chunk=64)
+  again = stream_interactions(cfg, plan.item_topic, users_per_chunk=64)
+  np.testing.assert_array_equal(log.item, again.item)
+  counts = np.bincount(log.user, minlength=cfg.num_users)
+  assert counts.min() >= 1 and counts.max() <= cfg.max_interactions and counts.mean() > 8
+  assert (np.diff(log.user) >= 0).all()
+  same_user = np.diff(log.user) == 0
+  assert (np.diff(log.timestamp)[same_user] > 0).all()
+  pairs = log.user.astype(np.int64) * cfg.num_items + log.item
+  assert np.unique(pairs).size == len(log)
+  topics = np.zeros((cfg.num_users, cfg.num_topics))
+  np.add.at(topics, (log.user, plan.item_topic[log.item]), 1.0)
+  # Users like one or two of 16 topics: their top topic holds far more than 1/16 of their items.
+  assert (topics.max(1) / counts).mean() > 0.5

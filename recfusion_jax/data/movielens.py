@@ -1,5 +1,9 @@
 """Loads the MovieLens multimodal data built by ``python -m data_prep.movielens`` as a RecDataset.
 
+The same layout (manifest.json, a TFDS ArrayRecord items set, id maps, split TSVs) is what
+``python -m data_prep.synthetic_pod`` writes, with a video per item; configs name such a build
+``data.source="tfds"`` and this loader reads it (``video``/``has_video`` when the items have them).
+
 The protocols are read from the exported split TSVs (``recfusion_jax.data.splits`` wrote them),
 never re-derived here.
 
@@ -25,7 +29,8 @@ PROTOCOLS = splits.PROTOCOLS
 def _manifest(data_dir: str | os.PathLike) -> dict:
   path = epath.Path(data_dir) / "manifest.json"
   if not path.exists():
-    raise FileNotFoundError(f"{path} not found: build it with python -m data_prep.movielens")
+    raise FileNotFoundError(f"{path} not found: build it with python -m data_prep.movielens "
+                            "(or data_prep.synthetic_pod)")
   return json.loads(path.read_text())
 
 
@@ -61,7 +66,8 @@ def load_catalogue_arrays(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads every item of the TFDS items data set (random-access ArrayRecord source).
 
   Returns item_id [N] int64, text_ids [N, Lt] int32, text_mask [N, Lt] bool,
-  image [N, H, W, 3] uint8, has_text [N] bool, has_image [N] bool; row = dense item id.
+  image [N, H, W, 3] uint8, has_text [N] bool, has_image [N] bool, and where the items have
+  videos video [N, T, H, W, 3] uint8, has_video [N] bool; row = dense item id.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
 
@@ -72,7 +78,7 @@ def load_catalogue_arrays(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   records.sort(key=lambda r: r["index"])
   if [r["index"] for r in records] != list(range(len(records))):
     raise ValueError(f"{data_dir}: item indices are not 0..{len(records) - 1}")
-  return {
+  arrays = {
       "item_id": np.asarray([r["item_id"] for r in records], np.int64),
       "text_ids": np.stack([r["text_ids"] for r in records]).astype(np.int32),
       "text_mask": np.stack([r["text_mask"] for r in records]).astype(bool),
@@ -80,6 +86,10 @@ def load_catalogue_arrays(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
       "has_text": np.asarray([r["has_text"] for r in records], bool),
       "has_image": np.asarray([r["has_image"] for r in records], bool),
   }
+  if records and "video" in records[0]:
+    arrays["video"] = np.stack([r["video"] for r in records]).astype(np.uint8)
+    arrays["has_video"] = np.asarray([r["has_video"] for r in records], bool)
+  return arrays
 
 
 def load_movielens(data_dir: str | os.PathLike, protocol: str, seed: int = 0
@@ -130,15 +140,16 @@ def load_movielens(data_dir: str | os.PathLike, protocol: str, seed: int = 0
   user_has_id = np.zeros(num_users, bool)
   user_has_id[train.user] = True
   presence = np.zeros((num_items, len(types.MODALITIES)), bool)  # no video in MovieLens
-  presence[:, types.MODALITIES.index("text")] = arrays["has_text"]
-  presence[:, types.MODALITIES.index("image")] = arrays["has_image"]
+  for modality in types.MODALITIES:
+    if f"has_{modality}" in arrays:
+      presence[:, types.MODALITIES.index(modality)] = arrays[f"has_{modality}"]
   catalogue = types.Catalogue(
       text_ids=arrays["text_ids"], text_mask=arrays["text_mask"], image=arrays["image"],
-      video=None, presence=presence, has_id=has_id)
+      video=arrays.get("video"), presence=presence, has_id=has_id)
   return types.RecDataset(
       catalogue=catalogue, num_users=int(num_users), train=train, valid=valid, test=test,
       cold_items=np.flatnonzero(~has_id).astype(np.int32), user_has_id=user_has_id,
-      name=f"movielens100k/{protocol}/seed{seed}",
+      name=f"{manifest.get('name', 'movielens100k')}/{protocol}/seed{seed}",
       # Every rating of the fit (and valid) period is known to its user, not only positives.
       known=part("train", only_positives=False), known_valid=part("valid", only_positives=False))
 

@@ -14,16 +14,51 @@ from recfusion_jax.data.types import RecDataset
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> RecDataset:
-  """The RecDataset named by ``config.data.source`` (``synthetic``, ``movielens`` or ``mmrec``)."""
+  """The RecDataset named by ``config.data.source``: ``synthetic`` (generated in memory),
+  ``movielens`` (``data_prep.movielens``'s build), ``tfds`` (any build in that layout, e.g.
+  ``data_prep.synthetic_pod``'s; its shapes must be the model's) or ``mmrec``."""
   if config.data.source == "synthetic":
     return make_synthetic(seed=config.seed, **config.data.synthetic.to_dict())
-  if config.data.source == "movielens":
+  if config.data.source in ("movielens", "tfds"):
     dataset = load_movielens(config.data.dir, config.data.protocol, seed=config.data.split_seed)
-    return truncate_text(dataset, config.data.get("text_len"))
+    dataset = truncate_text(dataset, config.data.get("text_len"))
+    if config.data.source == "tfds":
+      check_content_shapes(dataset, config.model, config.data.dir)
+    return dataset
   if config.data.source == "mmrec":
     return load_mmrec(config)
-  raise ValueError(f"unknown data.source {config.data.source!r}; choose synthetic, movielens "
-                   "or mmrec")
+  raise ValueError(f"unknown data.source {config.data.source!r}; choose synthetic, movielens, "
+                   "tfds or mmrec")
+
+
+def check_content_shapes(dataset: RecDataset, model: ml_collections.ConfigDict,
+                         where: str) -> None:
+  """Raises ValueError, naming every mismatch, when the catalogue's content does not have the
+  shapes the model's stems take (a build is made for one config's shapes, e.g.
+  ``data_prep.synthetic_pod``'s flags for ``configs/pod.py``'s ``SHAPES``)."""
+  cat, e = dataset.catalogue, model.encoder
+  problems = []
+  wanted = [m for m in model.modalities if e[m].get("stem") != "features"]
+  for modality, value in (("text", cat.text_ids), ("image", cat.image), ("video", cat.video)):
+    if modality in wanted and value is None:
+      problems.append(f"it has no {modality} (drop it from model.modalities)")
+  if "text" in wanted and cat.text_ids is not None:
+    top = int(cat.text_ids.max(initial=0))
+    if top >= e.text.vocab_size:
+      problems.append(f"token ids reach {top}, model.encoder.text.vocab_size is "
+                      f"{e.text.vocab_size}")
+    if cat.text_ids.shape[1] > e.text.max_len:
+      problems.append(f"texts are {cat.text_ids.shape[1]} tokens, model.encoder.text.max_len "
+                      f"is {e.text.max_len}")
+  if "image" in wanted and cat.image is not None and cat.image.shape[1:3] != (e.image.size,) * 2:
+    problems.append(f"images are {cat.image.shape[1]} px, model.encoder.image.size is "
+                    f"{e.image.size}")
+  if "video" in wanted and cat.video is not None and cat.video.shape[1:4] != (
+      e.video.frames, e.video.size, e.video.size):
+    problems.append(f"videos are {cat.video.shape[1]} frames of {cat.video.shape[2]} px, "
+                    f"model.encoder.video has {e.video.frames} of {e.video.size}")
+  if problems:
+    raise ValueError(f"{where}: the data does not fit the model: {'; '.join(problems)}")
 
 
 def load_mmrec(config: ml_collections.ConfigDict) -> RecDataset:

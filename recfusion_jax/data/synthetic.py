@@ -10,6 +10,9 @@ are only reachable through content.
 ``noise_modality`` replaces one modality with topic-independent noise of the same texture, so a
 fusion model has to learn to ignore it. ``make_synthetic_with_truth`` also returns the planted
 ground truth (topics, templates, preferences) for tests and diagnostics.
+
+``content_plan`` / ``content_chunks`` / ``stream_interactions`` draw the same kind of catalogue a
+chunk of items at a time, for catalogues too large to hold (``data_prep.synthetic_pod``).
 """
 
 from __future__ import annotations
@@ -157,25 +160,17 @@ def make_synthetic_with_truth(config: Any = None,
   cfg = resolve_config(config, **overrides)
   rng = np.random.default_rng(cfg.seed)
   n, k = cfg.num_items, cfg.num_topics
-
-  # Balanced dominant topics; the secondary topic is any other topic.
-  item_topic = rng.permutation(np.arange(n) % k).astype(np.int32)
-  item_secondary = ((item_topic + rng.integers(1, k, size=n)) % k).astype(np.int32)
-
-  topic_words = (1 + cfg.num_stop_words
-                 + np.arange(k * cfg.words_per_topic).reshape(k, cfg.words_per_topic))
+  item_topic, item_secondary = _item_topics(rng, cfg)
+  topic_words = _topic_words(cfg)
   text_ids, text_mask = _make_text(rng, cfg, item_topic, item_secondary, topic_words)
   image_templates = _smooth_templates(rng, k, cfg.image_size)
   image = _make_image(rng, cfg, item_topic, item_secondary, image_templates)
   video_templates = _smooth_templates(rng, k, cfg.image_size)
   video_velocity = _velocities(rng, k)
-  video = _make_video(rng, cfg, item_topic, item_secondary, video_templates, video_velocity)
+  video = _make_video(rng, cfg, item_topic, item_secondary,
+                      _rolled(video_templates, video_velocity, cfg.video_frames))
   presence = _make_presence(rng, cfg)
-  # Absent rows are zeros, as the contract requires.
-  text_ids[~presence[:, 0]] = 0
-  text_mask[~presence[:, 0]] = False
-  image[~presence[:, 1]] = 0
-  video[~presence[:, 2]] = 0
+  _zero_absent(presence, text_ids, text_mask, image, video)
 
   user_pref = _user_preferences(rng, cfg)
   user, item = _sample_interactions(rng, cfg, item_topic, user_pref)
@@ -198,9 +193,138 @@ def make_synthetic_with_truth(config: Any = None,
   return dataset, truth
 
 
+# ---- streaming: catalogues too large to hold ------------------------------------------------
+#
+# ``make_synthetic`` builds every array at once and a [users, items] sampling matrix. At pod
+# shapes (224-px images, 16-frame videos: about 2.5 MB an item) the content is drawn chunk by
+# chunk instead, for a writer to store as it goes (``data_prep.synthetic_pod``); only what is a
+# few bytes an item (topics, presence) and the interaction log are held whole.
+
+
+@dataclasses.dataclass
+class ContentPlan:
+  """What every chunk of a streamed catalogue shares: per item its topics and presence, per
+  topic its words and templates. A chunk's tokens and pixels are drawn from these alone."""
+
+  item_topic: np.ndarray        # [N] int32 dominant topic
+  item_secondary: np.ndarray    # [N] int32
+  presence: np.ndarray          # [N, M] bool
+  topic_words: np.ndarray       # [K, words_per_topic] token ids
+  image_templates: np.ndarray   # [K, H, W, 3] float32
+  video_moving: np.ndarray      # [K, T, H, W, 3] float32: each topic's template, moving
+
+
+def content_plan(config: Any = None, **overrides: Any) -> ContentPlan:
+  """The shared part of a streamed catalogue (see ``ContentPlan``); deterministic in ``seed``."""
+  cfg = resolve_config(config, **overrides)
+  rng = np.random.default_rng([cfg.seed, 1])
+  k = cfg.num_topics
+  item_topic, item_secondary = _item_topics(rng, cfg)
+  image_templates = _smooth_templates(rng, k, cfg.image_size)
+  video_moving = _rolled(_smooth_templates(rng, k, cfg.image_size), _velocities(rng, k),
+                         cfg.video_frames)
+  return ContentPlan(item_topic, item_secondary, _make_presence(rng, cfg), _topic_words(cfg),
+                     image_templates, video_moving)
+
+
+def content_chunks(config: Any, plan: ContentPlan, chunk_items: int
+                   ) -> collections.abc.Iterator[tuple[int, dict[str, np.ndarray]]]:
+  """(first item, content of the next ``chunk_items`` items) until the catalogue ends.
+
+  Each dict holds ``text_ids`` [C, Lt] int32, ``text_mask`` [C, Lt] bool, ``image`` [C, H, W, 3]
+  uint8, ``video`` [C, T, H, W, 3] uint8, ``presence`` [C, M] bool, ``topic`` [C] int32, with
+  absent modalities zero. Chunk c draws from its own stream, so the content is deterministic
+  in (``seed``, ``chunk_items``) and one chunk never needs another.
+  """
+  cfg = resolve_config(config)
+  if chunk_items < 1:
+    raise ValueError(f"chunk_items must be >= 1, got {chunk_items}")
+  for c, start in enumerate(range(0, cfg.num_items, chunk_items)):
+    rows = slice(start, min(start + chunk_items, cfg.num_items))
+    rng = np.random.default_rng([cfg.seed, 2, c])
+    topic, secondary = plan.item_topic[rows], plan.item_secondary[rows]
+    presence = plan.presence[rows]
+    text_ids, text_mask = _make_text(rng, cfg, topic, secondary, plan.topic_words)
+    image = _make_image(rng, cfg, topic, secondary, plan.image_templates)
+    video = _make_video(rng, cfg, topic, secondary, plan.video_moving)
+    _zero_absent(presence, text_ids, text_mask, image, video)
+    yield start, {"text_ids": text_ids, "text_mask": text_mask, "image": image, "video": video,
+                  "presence": presence, "topic": topic}
+
+
+def stream_interactions(config: Any, item_topic: np.ndarray, users_per_chunk: int = 4096
+                        ) -> Interactions:
+  """The interaction log of a streamed catalogue, drawn ``users_per_chunk`` users at a time.
+
+  Each of a user's draws picks one of their topics by preference, then an item of that topic by
+  its Zipf popularity (a share ``exploration`` of the draws: any item); repeats are dropped, so
+  a user keeps up to their count (uniform in [min_interactions, max_interactions]) of distinct
+  items, in draw order. No [users, items] matrix as in ``make_synthetic``. Grouped by user, time
+  increasing per user, rating 1; deterministic in ``seed``.
+  """
+  cfg = resolve_config(config)
+  rng = np.random.default_rng([cfg.seed, 3])
+  n, k = cfg.num_items, cfg.num_topics
+  user_pref = _user_preferences(rng, cfg)
+  popularity, order = _topic_popularity(rng, cfg, item_topic)
+  # Each topic's popularity sums to 1, so the running sum in (topic, rank) order climbs from t to
+  # t + 1 over topic t's items: the item of topic t drawn by a uniform u is where t + u lands.
+  climb = np.cumsum(popularity[order])
+  topic_start = np.searchsorted(item_topic[order], np.arange(k))
+  topic_last = np.r_[topic_start[1:], n] - 1
+  draws = 2 * cfg.max_interactions
+  users, items = [], []
+  for start in range(0, cfg.num_users, users_per_chunk):
+    pref = np.cumsum(user_pref[start:start + users_per_chunk], axis=1)
+    c = pref.shape[0]
+    count = rng.integers(cfg.min_interactions, cfg.max_interactions + 1, size=c)
+    u = rng.random((c, draws, 1)) * pref[:, None, -1:]
+    topic = np.minimum((pref[:, None, :] < u).sum(-1), k - 1)
+    pos = np.searchsorted(climb, topic + rng.random((c, draws)))
+    item = order[np.clip(pos, topic_start[topic], topic_last[topic])]
+    item = np.where(rng.random((c, draws)) < cfg.exploration,
+                    rng.integers(0, n, size=(c, draws)), item)
+    # A user's first draw of each item, in draw order, up to their count.
+    row = np.broadcast_to(np.arange(c)[:, None], item.shape)
+    _, first = np.unique(row.astype(np.int64).ravel() * n + item.ravel(), return_index=True)
+    keep = np.zeros(item.size, bool)
+    keep[first] = True
+    keep = keep.reshape(item.shape)
+    keep &= np.cumsum(keep, axis=1) <= count[:, None]
+    users.append(start + row[keep])
+    items.append(item[keep])
+  user = np.concatenate(users).astype(np.int32)
+  return Interactions(user, np.concatenate(items).astype(np.int32), _timestamps(rng, cfg, user),
+                      np.ones(user.size, np.float32))
+
+
+def _item_topics(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[np.ndarray, np.ndarray]:
+  """Balanced dominant topics, [N] int32; the secondary topic is any other topic."""
+  n, k = cfg.num_items, cfg.num_topics
+  item_topic = rng.permutation(np.arange(n) % k).astype(np.int32)
+  return item_topic, ((item_topic + rng.integers(1, k, size=n)) % k).astype(np.int32)
+
+
+def _topic_words(cfg: SyntheticConfig) -> np.ndarray:
+  """[K, words_per_topic]: the token ids each topic owns (after padding and stop words)."""
+  k = cfg.num_topics
+  return (1 + cfg.num_stop_words
+          + np.arange(k * cfg.words_per_topic).reshape(k, cfg.words_per_topic))
+
+
+def _zero_absent(presence: np.ndarray, text_ids: np.ndarray, text_mask: np.ndarray,
+                 image: np.ndarray, video: np.ndarray) -> None:
+  """Absent rows are zeros, as the contract requires (in place)."""
+  text_ids[~presence[:, 0]] = 0
+  text_mask[~presence[:, 0]] = False
+  image[~presence[:, 1]] = 0
+  video[~presence[:, 2]] = 0
+
+
 def _make_text(rng: np.random.Generator, cfg: SyntheticConfig, topic: np.ndarray,
                secondary: np.ndarray, topic_words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  n, length = cfg.num_items, cfg.text_len
+  """Text of the items whose topics are given (any number of them, not only num_items)."""
+  n, length = topic.shape[0], cfg.text_len
   if cfg.noise_modality == "text":
     tokens = rng.integers(1, cfg.vocab_size, size=(n, length))
   else:
@@ -252,7 +376,7 @@ def _mix(templates: np.ndarray, topic: np.ndarray, secondary: np.ndarray,
 
 def _make_image(rng: np.random.Generator, cfg: SyntheticConfig, topic: np.ndarray,
                 secondary: np.ndarray, templates: np.ndarray) -> np.ndarray:
-  n, size = cfg.num_items, cfg.image_size
+  n, size = topic.shape[0], cfg.image_size
   if cfg.noise_modality == "image":
     # Same texture statistics as real images, but a private random pattern per item.
     base = _smooth_templates(rng, n, size)
@@ -274,13 +398,12 @@ def _rolled(templates: np.ndarray, velocity: np.ndarray, frames: int) -> np.ndar
 
 
 def _make_video(rng: np.random.Generator, cfg: SyntheticConfig, topic: np.ndarray,
-                secondary: np.ndarray, templates: np.ndarray,
-                velocity: np.ndarray) -> np.ndarray:
-  n, size, frames = cfg.num_items, cfg.image_size, cfg.video_frames
+                secondary: np.ndarray, moving: np.ndarray) -> np.ndarray:
+  """``moving``: ``_rolled(topic templates, velocities, frames)``, [K, T, H, W, 3]."""
+  n, size, frames = topic.shape[0], cfg.image_size, cfg.video_frames
   if cfg.noise_modality == "video":
     base = _rolled(_smooth_templates(rng, n, size), _velocities(rng, n), frames)
   else:
-    moving = _rolled(templates, velocity, frames)
     base = _mix(moving, topic, secondary, cfg.secondary_topic_weight)
   noise = rng.normal(scale=cfg.image_noise, size=(n, frames, size, size, 3)).astype(np.float32)
   return _to_uint8(base + noise)
@@ -312,14 +435,8 @@ def _user_preferences(rng: np.random.Generator, cfg: SyntheticConfig) -> np.ndar
 def _sample_interactions(rng: np.random.Generator, cfg: SyntheticConfig, item_topic: np.ndarray,
                          user_pref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Per user, distinct items sampled by preference; returns (user, item) grouped by user."""
-  n, k = cfg.num_items, cfg.num_topics
-  # Zipf popularity inside each topic over a random ranking of its items.
-  order = np.lexsort((rng.random(n), item_topic))
-  topic_start = np.searchsorted(item_topic[order], np.arange(k))
-  rank = np.empty(n, dtype=np.int64)
-  rank[order] = np.arange(n) - topic_start[item_topic[order]]
-  popularity = (rank + 1.0) ** -cfg.popularity_exponent
-  popularity /= np.bincount(item_topic, weights=popularity, minlength=k)[item_topic]
+  n = cfg.num_items
+  popularity, _ = _topic_popularity(rng, cfg, item_topic)
   prob = ((1.0 - cfg.exploration) * user_pref[:, item_topic] * popularity[None, :]
           + cfg.exploration / n)                                   # [U, N], rows sum to 1
   # Gumbel top-k = sampling without replacement proportionally to prob.
@@ -333,6 +450,20 @@ def _sample_interactions(rng: np.random.Generator, cfg: SyntheticConfig, item_to
   item = ranked[keep]
   shuffle = np.lexsort((rng.random(user.size), user))
   return user[shuffle].astype(np.int32), item[shuffle].astype(np.int32)
+
+
+def _topic_popularity(rng: np.random.Generator, cfg: SyntheticConfig, item_topic: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """Zipf popularity inside each topic over a random ranking of its items: ([N] float64, each
+  topic's items summing to 1; [N] item ids sorted by (topic, rank))."""
+  n, k = item_topic.shape[0], cfg.num_topics
+  order = np.lexsort((rng.random(n), item_topic))
+  topic_start = np.searchsorted(item_topic[order], np.arange(k))
+  rank = np.empty(n, dtype=np.int64)
+  rank[order] = np.arange(n) - topic_start[item_topic[order]]
+  popularity = (rank + 1.0) ** -cfg.popularity_exponent
+  popularity /= np.bincount(item_topic, weights=popularity, minlength=k)[item_topic]
+  return popularity, order
 
 
 def _timestamps(rng: np.random.Generator, cfg: SyntheticConfig, user: np.ndarray) -> np.ndarray:

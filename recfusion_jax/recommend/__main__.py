@@ -37,8 +37,9 @@ NEW_ITEM_FLAGS = ("new_item_text", "new_item_text_ids", "new_item_image", "new_i
 
 
 def item_names_for(config: Any) -> list[str] | None:
-  """Names of the catalogue's items: MovieLens titles, MMRec asins; None for synthetic data."""
-  if config.data.source == "movielens":
+  """Names of the catalogue's items: the build's titles (MovieLens, ``tfds``), MMRec asins; None
+  for synthetic data."""
+  if config.data.source in ("movielens", "tfds"):
     data_dir = epath.Path(config.data.dir)   # local or gs://
     item_map = json.loads((data_dir / "manifest.json").read_text())["item_map"]
     with (data_dir / item_map).open() as f:
