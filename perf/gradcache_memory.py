@@ -20,6 +20,7 @@ one_shot and gradcache, as B for gradcache_tiled) to need more than ``--max_gib`
 
   nice -n 10 python perf/gradcache_memory.py --out /tmp/step_scaling.jsonl
   python perf/gradcache_memory.py --batches 256,1024 --methods one_shot,gradcache  # quick
+  python perf/gradcache_memory.py --batches 4096 --methods gradcache_tiled --history_len 1
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def _point(args) -> dict:
   micro, tiled = METHODS[args.method]
   config.micro_batch = args.micro_batch if micro else 0
   config.loss_tile = args.tile if tiled else 0
+  if args.history_len:
+    config.model.user.history_len = args.history_len
   synthetic = config.data.synthetic
   model = RecFusion(config.model, num_users=synthetic.num_users,
                     num_items=synthetic.num_items, rngs=nnx.Rngs(0))
@@ -97,6 +100,8 @@ def main() -> None:
   parser.add_argument("--micro_batch", type=int, default=256)
   parser.add_argument("--tile", type=int, default=1024)
   parser.add_argument("--rec_loss", default="sampled", choices=("sampled", "full"))
+  parser.add_argument("--history_len", type=int, default=0,
+                      help="user history length (0: the tiny config's)")
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--max_gib", type=float, default=8.0)
   parser.add_argument("--out", default="")
@@ -120,7 +125,8 @@ def main() -> None:
         break
       cmd = [sys.executable, os.path.abspath(__file__), "--child", "--method", method,
              "--batch", str(batch), "--micro_batch", str(args.micro_batch), "--tile",
-             str(args.tile), "--rec_loss", args.rec_loss, "--repeats", str(args.repeats)]
+             str(args.tile), "--rec_loss", args.rec_loss, "--repeats", str(args.repeats),
+             "--history_len", str(args.history_len)]
       proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
       if proc.returncode:
         raise SystemExit(f"point {method} B={batch} failed:\n{proc.stderr[-3000:]}")
