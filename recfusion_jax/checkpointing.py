@@ -2,7 +2,9 @@
 
 The train state is written with ``StandardSave`` (array shards written by the processes that
 own them; asynchronous so training continues while bytes hit disk). The Grain iterator's
-position goes next to it (one JSON per process), so a restart resumes the data stream exactly.
+position goes next to it (``DataCheckpointHandler``: one JSON per process, as Grain writes it,
+and the global position in ``stream.json``), so a restart resumes the data stream exactly, on
+the same or another process count.
 
 Restoring takes an *abstract* state: shapes, dtypes and the shardings wanted NOW. Orbax reads
 each array straight into that sharding, so a checkpoint written on one mesh restores onto any
@@ -34,6 +36,7 @@ makes every process agree on the step.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -49,6 +52,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from recfusion_jax import paths
+from recfusion_jax.data import pipeline
 
 FINGERPRINT_ITEM = "fingerprint"
 FINITE_KEY = "finite"   # metrics key: the step's loss and the saved state were finite
@@ -150,6 +154,98 @@ def compare_fingerprints(stored: Mapping[str, str], computed: Mapping[str, str]
   return "fingerprint mismatch (" + "; ".join(parts) + ")"
 
 
+# ---- data iterator -----------------------------------------------------------------------------
+
+STREAM_FILE = "stream.json"
+
+
+class DataCheckpointHandler(grain.checkpoint.CheckpointHandler):
+  """Grain's iterator handler, restorable onto another process count.
+
+  Save: each process writes its iterator state to ``process_<p>-of-<P>.json`` (Grain's own
+  files; ``p``/``P`` from the iterator's ``pipeline.StreamSpec`` when it has one) and process 0
+  writes ``pipeline.stream_record`` (global batches read, global batch, seed, examples per
+  epoch) to ``stream.json``.
+
+  Restore (rule of ``pipeline.resume_batch``): with the same process count and stream the
+  process's own state is set (exact, worker states included). With another process count and
+  the same stream every process moves to the saved global batch: the global batches do not
+  depend on the process count, so the run continues exactly as an uninterrupted one. With a
+  changed global batch, seed or epoch size a warning says why the position does not carry over
+  and the run restarts the saved position's epoch at the global batch holding its first
+  example, on any process count. A checkpoint written by another process count without
+  ``stream.json`` (or an iterator whose worker state cannot be moved) raises ``ValueError``
+  saying so; ``Checkpointer.restore`` reports it as the checkpoint's problem.
+  """
+
+  def save(self, directory: epath.Path, item: Any = None, args: Any = None):
+    item = item or args.item
+    spec = pipeline.stream_spec(item)
+    index, count = ((spec.process_index, spec.process_count) if spec is not None
+                    else (jax.process_index(), jax.process_count()))
+    (directory / _process_file(index, count)).write_text(json.dumps(item.get_state(), indent=4))
+    record = pipeline.stream_record(item)
+    if record is not None and index == 0:
+      (directory / STREAM_FILE).write_text(json.dumps(record, indent=4))
+
+  def restore(self, directory: epath.Path, item: Any = None, args: Any = None):
+    item = item or args.item
+    spec = pipeline.stream_spec(item)
+    if spec is None:
+      return super().restore(directory, item=item)
+    own = directory / _process_file(spec.process_index, spec.process_count)
+    stream = directory / STREAM_FILE
+    if not stream.exists():
+      if own.exists():   # written before stream.json: Grain's rule, same process count only
+        return _set_state(item, own)
+      written = sorted(f.name for f in directory.glob("process_*-of-*.json"))
+      raise ValueError(
+          f"the data iterator state in {directory} ({', '.join(written) or 'no files'}) has no "
+          f"{STREAM_FILE} (global position), so it cannot be restored onto "
+          f"{spec.process_count} process(es); restore on the process count that wrote it")
+    record = json.loads(stream.read_text())
+    batch, why = pipeline.resume_batch(record, spec)
+    if why is None and own.exists():
+      return _set_state(item, own)
+    if why is None:
+      logging.info("data iterator: state written by %d process(es), restored onto %d at global "
+                   "batch %d (global position %d examples)", record["process_count"],
+                   spec.process_count, batch, batch * spec.global_batch)
+    else:
+      logging.warning("data iterator: %s", why)
+    try:
+      pipeline.seek(item, batch)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"the data iterator cannot be moved to global batch {batch} "
+                       f"({_one_line(e)}); restore on the process count that wrote it "
+                       f"({record['process_count']})") from e
+    item.start_prefetch()
+    return item
+
+
+def _process_file(index: int, count: int) -> str:
+  return f"process_{index}-of-{count}.json"
+
+
+def _set_state(iterator: Any, path: epath.Path) -> Any:
+  """This process's own saved state, set as Grain's handler does (exact, worker states too)."""
+  iterator.set_state(json.loads(path.read_text()))
+  iterator.start_prefetch()
+  return iterator
+
+
+@ocp.args.register_with_handler(DataCheckpointHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(DataCheckpointHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 # ---- retention ---------------------------------------------------------------------------------
 
 
@@ -213,7 +309,7 @@ class Checkpointer:
             best_fn=_finite_score, best_mode="max",
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies)),
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler(),
+                       "data": DataCheckpointHandler(),
                        FINGERPRINT_ITEM: ocp.JsonCheckpointHandler()})
 
   def save(self, step: int, state: Any, data_iterator: Any | None = None, *,
@@ -227,7 +323,7 @@ class Checkpointer:
     metrics = {**(metrics or {}), "step": step}
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+      items["data"] = DataSave(data_iterator)
     if fingerprint is not None:
       items[FINGERPRINT_ITEM] = ocp.args.JsonSave(dict(fingerprint))
     return self.manager.save(step, args=ocp.args.Composite(**items),
@@ -247,8 +343,8 @@ class Checkpointer:
     With ``fingerprint_fn`` (``make_fingerprint_fn``) the restored state must match the stored
     fingerprint and be finite. Unusable checkpoints are logged with their step and reason; with
     ``fall_back`` the next older one is tried (the newer unusable ones are moved aside),
-    otherwise ``CheckpointError`` is raised. ``data_iterator`` (built with the same arguments
-    as when saved) is moved in place.
+    otherwise ``CheckpointError`` is raised. ``data_iterator`` is moved in place, onto the
+    saved global position even on another process count (``DataCheckpointHandler``).
     """
     steps = sorted(self.all_steps(), reverse=True) if step is None else [step]
     if not steps:
@@ -284,7 +380,7 @@ class Checkpointer:
                    ) -> tuple[Restored | None, str | None]:
     items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      items["data"] = DataRestore(data_iterator)
     if fingerprint_fn is not None:
       items[FINGERPRINT_ITEM] = ocp.args.JsonRestore()
     try:

@@ -1,6 +1,7 @@
 """Tests of the Grain training pipeline and global-batch assembly."""
 
 import json
+import logging
 
 import grain
 import jax
@@ -9,6 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from recfusion_jax import checkpointing
 from recfusion_jax.data.synthetic import make_synthetic
 from recfusion_jax.data import examples, pipeline
 from recfusion_jax.data.types import MODALITIES, PER_USER_KEYS, TRAIN_BATCH_SPEC, feature_key
@@ -105,6 +107,7 @@ def test_worker_processes_give_the_same_stream_and_resume(small):
   try:
     got = _take(iterator, 5)
     state = iterator.get_state()
+    assert pipeline.batches_read(iterator) == 5   # the global position of worker states
   finally:
     iterator.close()
   _assert_batches_equal(got, expected[:5])
@@ -142,6 +145,94 @@ def test_processes_split_each_epoch_exactly(num_examples, process_count):
   # Only the tail of the last global batch is padding.
   tail = stream[num_epochs * num_examples:]
   assert tail.size < BATCH * process_count and (tail == -1).all()
+
+
+# ---- iterator state across process counts (checkpointing.DataCheckpointHandler) --------------
+
+def _global_batches(dataset, global_batch, count, n, move, seed=11):
+  """The next ``n`` global batches read by ``count`` processes (each one's block, in process
+  order) after ``move(iterator, p)`` positioned each process's iterator."""
+  per_process = []
+  for p in range(count):
+    iterator = _iterator(dataset, batch_size=global_batch // count, process_index=p,
+                         process_count=count, seed=seed)
+    move(iterator, p)
+    per_process.append(_take(iterator, n))
+  return [{key: np.concatenate([block[key] for block in blocks]) for key in blocks[0]}
+          for blocks in zip(*per_process)]
+
+
+def _save_processes(dataset, directory, global_batch, count, batches):
+  """What ``count`` processes' ``DataCheckpointHandler`` saves after ``batches`` global batches."""
+  directory.mkdir()
+  handler = checkpointing.DataCheckpointHandler()
+  for p in range(count):
+    iterator = _iterator(dataset, batch_size=global_batch // count, process_index=p,
+                         process_count=count)
+    _take(iterator, batches)
+    handler.save(directory, args=checkpointing.DataSave(iterator))
+
+
+def _restore(directory):
+  handler = checkpointing.DataCheckpointHandler()
+  return lambda iterator, p: handler.restore(directory, args=checkpointing.DataRestore(iterator))
+
+
+@pytest.mark.parametrize("new_count", [1, 4])
+def test_iterator_state_restores_onto_another_process_count(small, tmp_path, new_count):
+  global_batch, saved_at = 2 * BATCH, 7    # ~200 examples an epoch: 7 batches cross epoch 1
+  _save_processes(small, tmp_path / "data", global_batch, 2, saved_at)
+  assert sorted(f.name for f in (tmp_path / "data").iterdir()) == [
+      "process_0-of-2.json", "process_1-of-2.json", checkpointing.STREAM_FILE]
+  expected = _global_batches(small, global_batch, 1, 4, move=lambda it, p: _take(it, saved_at))
+  got = _global_batches(small, global_batch, new_count, 4, move=_restore(tmp_path / "data"))
+  _assert_batches_equal(got, expected)
+
+
+def test_changed_global_batch_restarts_the_epoch_on_any_process_count(small, tmp_path, caplog):
+  saved_at, new_batch = 9, 3 * BATCH
+  _save_processes(small, tmp_path / "data", 2 * BATCH, 2, saved_at)
+  per_epoch = examples.TrainExampleIndex.build(small).num_examples
+  epoch = saved_at * 2 * BATCH // per_epoch
+  start = epoch * per_epoch // new_batch
+  assert epoch >= 1 and start * new_batch <= epoch * per_epoch < (start + 1) * new_batch
+  expected = _global_batches(small, new_batch, 1, 3, move=lambda it, p: _take(it, start))
+  for count in (1, 3):
+    with caplog.at_level(logging.WARNING):
+      got = _global_batches(small, new_batch, count, 3, move=_restore(tmp_path / "data"))
+    _assert_batches_equal(got, expected)
+    assert f"global_batch {2 * BATCH} -> {new_batch}" in caplog.text
+    assert f"restarting epoch {epoch} at global batch {start}" in caplog.text
+    caplog.clear()
+
+
+def test_state_without_global_position_says_why_it_cannot_move(small, tmp_path):
+  _save_processes(small, tmp_path / "data", 2 * BATCH, 2, 3)
+  (tmp_path / "data" / checkpointing.STREAM_FILE).unlink()
+  with pytest.raises(ValueError, match="no stream.json .* cannot be restored onto 1 process"):
+    _global_batches(small, 2 * BATCH, 1, 1, move=_restore(tmp_path / "data"))
+  # On the process count that wrote it, Grain's per-process state still restores exactly.
+  _assert_batches_equal(
+      _global_batches(small, 2 * BATCH, 2, 2, move=_restore(tmp_path / "data")),
+      _global_batches(small, 2 * BATCH, 1, 2, move=lambda it, p: _take(it, 3)))
+
+
+def test_checkpointer_restores_iterator_written_by_another_process_count(small, tmp_path):
+  """Through Orbax: process 0 of 2 saves (its file and stream.json), 1 process restores."""
+  iterator = _iterator(small, process_index=0, process_count=2)
+  _take(iterator, 5)
+  state = {"w": jax.numpy.arange(4.0)}
+  ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", save_every=1, keep=2, async_save=False)
+  ckpt.save(5, state, iterator)
+  ckpt.wait()
+  fresh = _iterator(small, batch_size=2 * BATCH, process_index=0, process_count=1)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  restored = ckpt.restore(checkpointing.abstract_like(state, shardings), fresh)
+  ckpt.close()
+  assert restored.step == 5
+  reference = _iterator(small, batch_size=2 * BATCH, process_index=0, process_count=1)
+  _take(reference, 5)
+  _assert_batches_equal(_take(fresh, 2), _take(reference, 2))
 
 
 def test_infinite_stream_and_argument_errors():

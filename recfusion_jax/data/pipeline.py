@@ -25,17 +25,23 @@ dicts). With Orbax, save it next to the model (``checkpointing.Checkpointer`` do
   manager.restore(step, args=ocp.args.Composite(
       state=..., data=grain.checkpoint.CheckpointRestore(iterator)))
 
-Every process must build the pipeline with the same ``seed`` and the same process count.
+Every process must build the pipeline with the same ``seed``. The iterator carries its
+``StreamSpec`` (global batch, seed, examples per epoch, its process), and
+``checkpointing.DataCheckpointHandler`` saves the global position (``stream_record``) next to
+the per-process states, so a checkpoint restores onto another process count
+(``resume_batch``, ``seek``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 from typing import Any
 
 from absl import flags
 import grain
+from grain._src.python.dataset import dataset as grain_dataset
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -191,13 +197,16 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
                         log_q: np.ndarray | None = None,
                         history: str = "earlier", example: str = "interaction",
                         target_share: float = 0.2) -> grain.DatasetIterator:
-  """A checkpointable iterator of this process's training batches.
+  """A checkpointable iterator of this process's training batches (``stream_spec`` reads
+  what it streams).
 
   ``num_workers`` > 0 builds batches in that many spawned processes (``mp_prefetch``);
   0 builds them in this process with ``read_threads`` threads. Buffers count batches.
   """
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+  process_index, process_count = _resolve_process(process_index, process_count)
+  index = TrainExampleIndex.build(dataset) if index is None else index
   ds = make_train_dataset(dataset, batch_size=batch_size, history_len=history_len, seed=seed,
                           num_epochs=num_epochs, process_index=process_index,
                           process_count=process_count, index=index, log_q=log_q,
@@ -213,7 +222,86 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=num_workers, per_worker_buffer_size=worker_buffer_size))
-  return iter(it_ds)
+  iterator = iter(it_ds)
+  setattr(iterator, _SPEC_ATTR, StreamSpec(
+      global_batch=batch_size * process_count, seed=seed,
+      num_examples=examples_per_epoch(index, example), process_index=process_index,
+      process_count=process_count))
+  return iterator
+
+
+# ---- the global position, across process counts ------------------------------------------------
+
+_SPEC_ATTR = "recfusion_stream_spec"
+_STREAM_FIELDS = ("global_batch", "seed", "num_examples")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+  """What global batch ``n`` holds (``global_batch``, ``seed``, ``num_examples`` an epoch) and
+  which block of it this process reads. Equal stream fields: equal global batches, whatever
+  the process count."""
+
+  global_batch: int
+  seed: int
+  num_examples: int
+  process_index: int
+  process_count: int
+
+
+def stream_spec(iterator: Any) -> StreamSpec | None:
+  """The ``StreamSpec`` of a ``make_train_iterator`` iterator (None for other iterators)."""
+  return getattr(iterator, _SPEC_ATTR, None)
+
+
+def batches_read(iterator: grain.DatasetIterator) -> int:
+  """Batches this process's iterator has returned: the global batches consumed (every process
+  reads one block of each)."""
+  state = iterator.get_state()
+  if set(state) == {"next_index"}:
+    return int(state["next_index"])
+  return int(grain_dataset.get_next_index(iterator))   # worker processes (mp_prefetch)
+
+
+def stream_record(iterator: grain.DatasetIterator) -> dict[str, int] | None:
+  """The global position as JSON: global batches read and the stream they index (None when
+  the iterator has no ``StreamSpec``). Its position in examples is
+  ``batches * global_batch``, the same on every process."""
+  spec = stream_spec(iterator)
+  if spec is None:
+    return None
+  return {"batches": batches_read(iterator), "process_count": spec.process_count,
+          **{name: getattr(spec, name) for name in _STREAM_FIELDS}}
+
+
+def resume_batch(record: dict[str, int], spec: StreamSpec) -> tuple[int, str | None]:
+  """The global batch at which ``spec``'s iterator resumes a saved ``stream_record``.
+
+  Same global batch, seed and examples per epoch: ``(record["batches"], None)``, the exact
+  position, whatever the process counts. Otherwise the saved position cannot be carried over
+  and the rule is: restart the epoch it lies in, ``e = batches * old global_batch // old
+  num_examples``, at the new stream's global batch that holds the epoch's first example,
+  ``e * num_examples // global_batch`` (a few rows of epoch ``e - 1`` come again before it);
+  the second item says why.
+  """
+  batches = int(record["batches"])
+  if all(int(record[name]) == getattr(spec, name) for name in _STREAM_FIELDS):
+    return batches, None
+  epoch = batches * int(record["global_batch"]) // int(record["num_examples"])
+  start = epoch * spec.num_examples // spec.global_batch
+  changed = ", ".join(f"{name} {record[name]} -> {getattr(spec, name)}"
+                      for name in _STREAM_FIELDS if int(record[name]) != getattr(spec, name))
+  return start, (f"the data stream changed since the checkpoint ({changed}), so its position "
+                 f"({batches} global batches) does not carry over: restarting epoch {epoch} "
+                 f"at global batch {start}, the one holding the epoch's first example")
+
+
+def seek(iterator: grain.DatasetIterator, batch: int) -> None:
+  """Moves the iterator to global batch ``batch`` (its block of it)."""
+  if set(iterator.get_state()) == {"next_index"}:
+    iterator.set_state({"next_index": int(batch)})
+  else:
+    grain_dataset.set_next_index(iterator, int(batch))   # worker processes (mp_prefetch)
 
 
 def make_global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
