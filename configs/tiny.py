@@ -77,8 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model = model_config()
 
   config.batch_size = 128             # global, over all devices and processes
-  # > 0: encode the batch's content that many rows (global) at a time by gradient caching --
-  # the same update with one micro-batch's encoder activations (recfusion_jax/gradcache.py).
+  # > 0: run the content encoder and the user tower that many rows (global) at a time by
+  # gradient caching -- the same update with one micro-batch's activations of each
+  # (recfusion_jax/gradcache.py).
   config.micro_batch = 0
   # > 0: the in-batch softmax and contrastive losses in [tile, tile] blocks, a ring over the
   # devices: no [B, B] logits or [B, B, S] gate weights (recfusion_jax/tiled_losses.py).

@@ -84,7 +84,7 @@ SCHEMA: dict[str, Any] = {
     },
     "model": None,
     "batch_size": _int(1),
-    "micro_batch": _int(0),   # gradient caching through the encoder (gradcache.py); 0: off
+    "micro_batch": _int(0),   # gradient caching: encoder and user tower (gradcache.py); 0: off
     "loss_tile": _int(0),     # in-batch losses in [tile, tile] blocks (tiled_losses.py); 0: off
     "num_steps": _int(0),   # 0: the benchmark's pipeline check; validate(training=True) wants 1
     "contrastive_weight": _number(0.0),

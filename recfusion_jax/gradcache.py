@@ -1,28 +1,35 @@
-"""Gradient caching through the content encoder (GradCache, Gao et al. 2021).
+"""Gradient caching through the content encoder and the user tower (GradCache, Gao et al.
+2021).
 
 The in-batch softmax and the contrastive term couple every row of the global batch, so the
-batch cannot be cut into gradient-accumulation steps. But the part whose activations grow with
-the batch -- the content encoder -- reaches the loss only through its output, the embeddings
-[B, M, d]. So a step (``config.micro_batch`` > 0) runs in three stages:
+batch cannot be cut into gradient-accumulation steps. But the parts whose activations grow with
+the batch -- the content encoder and the user tower (``RecFusion.encode_users``: history
+vectors, their gated fusion, the user Transformer) -- reach the loss only through their
+outputs, the embeddings [B, M, d] and the users ({"emb": [B, d] or [B, L, d] per position,
+"query": or None}). So a step (``config.micro_batch`` > 0) runs in three stages:
 
-  1. encode every micro-batch of the batch's content (``lax.scan``, nothing kept for a
-     backward pass: only each micro-batch's [mb, M, d] embeddings leave an iteration);
-  2. the loss of the whole batch from those embeddings (the encoder is not run): its value,
-     the gradient of every parameter outside the encoder, and d loss / d embeddings;
-  3. re-encode each micro-batch under ``jax.vjp`` and pull its slice of d loss / d embeddings
-     back to the encoder's parameters, summed over the micro-batches (``lax.scan``).
+  1. encode every micro-batch of the batch's content, and of its users (``lax.scan``, nothing
+     kept for a backward pass: only each micro-batch's outputs leave an iteration);
+  2. the loss of the whole batch from those outputs (neither tower is run): its value, the
+     gradient of every parameter used there directly, d loss / d embeddings and d loss / d users;
+  3. re-run each micro-batch under ``jax.vjp`` and pull its slice of those gradients back to
+     the parameters, summed over the micro-batches (``lax.scan``): the encoder's parameters
+     from the embeddings, every parameter outside the encoder from the users (the user model,
+     ID and history tables, history context, fusion query/gate/key ...), added to the direct
+     gradients of stage 2.
 
-The encoder's activation memory is then that of one micro-batch; the price is a second
-forward pass of the encoder. The user model, fusion and losses still run on the whole batch
-(their activations are O(B) vectors and the [B, B] logits).
+The towers' activation memory is then that of one micro-batch; the price is a second forward
+pass of each. What remains at the batch's size is O(B) vectors, plus the [B, B] logits unless
+the losses are tiled (``config.loss_tile``).
 
-Randomness: the encoder's non-parameter state (the RNG streams of its dropout layers) is
-carried through the micro-batches of pass 1, and pass 2 restarts from the same state, so
-every micro-batch sees the same dropout masks in both passes; the state after pass 1 is kept.
-The gradient is exactly that of the micro-batched forward pass. With encoder dropout 0 (the
-default) that is the one-shot step's gradient; with dropout > 0 the masks are drawn once per
-micro-batch instead of once per batch: the same distribution, not the same numbers as the
-one-shot step.
+Randomness: each tower's non-parameter state (the RNG streams of its dropout layers: the
+encoder's, and the user model's dropout and history dropout -- the ID dropout is drawn in the
+loss, not in ``encode_users``) is carried through the micro-batches of pass 1, and pass 2
+restarts from the same state, so every micro-batch sees the same dropout masks in both passes;
+the state after pass 1 is kept. The gradient is exactly that of the micro-batched forward
+pass. With encoder and user dropout 0 (the defaults) that is the one-shot step's gradient;
+with dropout > 0 the masks are drawn once per micro-batch instead of once per batch: the same
+distribution, not the same numbers as the one-shot step.
 
 Layout: with the batch's rows split over ``shards`` devices (row r on device r // (B/shards)),
 micro-batch i is rows [i * mb_s, (i + 1) * mb_s) of every device's share (mb_s = micro_batch /
@@ -37,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# (model, batch, content=(content_emb, presence)) -> (loss, aux): ``train.compute_losses``
-# with its settings bound.
+# (model, batch, content=(content_emb, presence), users=users) -> (loss, aux):
+# ``train.compute_losses`` with its settings bound.
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -123,35 +130,103 @@ def encoder_grads(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State,
   return total
 
 
+# The user tower: every parameter outside the content encoder (what ``encode_users`` reads
+# is a subset; the rest get zero gradients from pass 2).
+_USER_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("encoder")))
+USER_KEYS = ("user_id", "user_has_id", "history", "history_mask")
+
+
+def _encode_users(graphdef: nnx.GraphDef, params: nnx.State, rng: nnx.State, rest: nnx.State,
+                  inputs: Mapping[str, jax.Array], per_position: bool
+                  ) -> tuple[dict[str, Any], nnx.State]:
+  """One micro-batch through ``encode_users``: (users, the model's RNG state after)."""
+  model = nnx.merge(graphdef, params, rng, rest, copy=True)  # fresh Variables, as in _encode
+  users = model.encode_users(*(inputs[k] for k in USER_KEYS), per_position=per_position)
+  return users, nnx.state(model, nnx.RngState)
+
+
+def encode_users_micro_batches(graphdef: nnx.GraphDef, params: nnx.State, rng: nnx.State,
+                               rest: nnx.State, inputs: Mapping[str, jax.Array], num: int,
+                               shards: int = 1, per_position: bool = False
+                               ) -> tuple[dict[str, Any], nnx.State]:
+  """User pass 1: (``encode_users`` of the batch, the RNG state after the last micro-batch)."""
+  xs = {k: split_micro(inputs[k], num, shards) for k in USER_KEYS}
+
+  def body(state, micro):
+    users, state = _encode_users(graphdef, params, state, rest, micro, per_position)
+    return state, users
+
+  rng, users = jax.lax.scan(body, rng, xs)
+  return jax.tree.map(lambda x: merge_micro(x, shards), users), rng
+
+
+def user_grads(graphdef: nnx.GraphDef, params: nnx.State, rng: nnx.State, rest: nnx.State,
+               inputs: Mapping[str, jax.Array], users_grad: Mapping[str, Any], num: int,
+               shards: int = 1, per_position: bool = False) -> nnx.State:
+  """User pass 2: sum over micro-batches of (d users_i / d params)^T (d loss / d users_i);
+  ``rng`` must be the state user pass 1 started from."""
+  xs = ({k: split_micro(inputs[k], num, shards) for k in USER_KEYS},
+        jax.tree.map(lambda g: split_micro(g, num, shards), users_grad))
+
+  def body(carry, x):
+    total, state = carry
+    micro, grad_out = x
+
+    def forward(p):
+      return _encode_users(graphdef, p, state, rest, micro, per_position)
+
+    users, pullback, state = jax.vjp(forward, params, has_aux=True)
+    (grad,) = pullback(jax.tree.map(lambda g, u: g.astype(u.dtype), grad_out, users))
+    return (jax.tree.map(jnp.add, total, grad), state), None
+
+  (total, _), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), rng), xs)
+  return total
+
+
 def loss_and_grads(model: Any, batch: Mapping[str, jax.Array], loss_fn: LossFn, *,
                    micro_batch: int, shards: int = 1
                    ) -> tuple[tuple[jax.Array, dict[str, jax.Array]], nnx.State]:
   """((loss, aux), grads of every ``nnx.Param`` of ``model``) by gradient caching.
 
   What ``nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.Param), has_aux=True)``
-  gives for ``(model, batch)`` (see the module docstring for dropout), with the encoder run
-  ``micro_batch`` rows at a time. ``shards``: how many devices the batch's rows are split
-  over (the layout). Updates the model's RNG state as the one-shot step would.
+  gives for ``(model, batch)`` (see the module docstring for dropout), with the encoder and
+  the user tower run ``micro_batch`` rows at a time. ``shards``: how many devices the batch's
+  rows are split over (the layout). Updates the model's RNG state as the one-shot step would.
   """
   if not model.modalities:
     raise ValueError("micro_batch > 0 needs a content encoder; this model has no modalities "
                      "(an ID-only model has no encoder activations to save: set micro_batch=0)")
   encoder = model.encoder
-  graphdef, params, other = nnx.split(encoder, nnx.Param, ...)
+  # Copies (tree.map makes new Variables): split states share the model's Variables, which
+  # the updates below change, and pass 2 must restart from the states pass 1 started from.
+  graphdef, params, other = jax.tree.map(lambda x: x, nnx.split(encoder, nnx.Param, ...))
+  model_def, user_params, rng, rest = jax.tree.map(
+      lambda x: x, nnx.split(model, _USER_PARAMS, nnx.RngState, ...))
   content = {k: batch[k] for k in encoder.input_keys()}
+  inputs = {k: batch[k] for k in USER_KEYS}
+  per_position = "targets" in batch and model.user_encoder.causal
   num = num_micro_batches(batch["item_id"].shape[0], micro_batch, shards)
 
   emb, presence, other_after = encode_micro_batches(graphdef, params, other, content, num,
                                                     shards)
+  users, rng_after = encode_users_micro_batches(model_def, user_params, rng, rest, inputs, num,
+                                                shards, per_position)
+  # The user tower's streams where user pass 1 left them (the encoder's as they were; the
+  # loss below draws the rest, e.g. the ID dropout, from where they stand).
+  nnx.update(model, rng_after)
 
-  def batch_loss(model, emb):
-    return loss_fn(model, batch, content=(emb, presence))
+  def batch_loss(model, emb, users):
+    return loss_fn(model, batch, content=(emb, presence), users=users)
 
-  # The encoder is not run here: its parameters get zero gradients, filled in by pass 2.
-  grad_fn = nnx.value_and_grad(batch_loss, argnums=(nnx.DiffState(0, nnx.Param), 1),
+  # Neither the encoder nor the user tower runs here: their parameters get zero gradients
+  # (or only their direct ones), completed by the passes 2.
+  grad_fn = nnx.value_and_grad(batch_loss, argnums=(nnx.DiffState(0, nnx.Param), 1, 2),
                                has_aux=True)
-  (loss, aux), (grads, emb_grad) = grad_fn(model, emb)
+  (loss, aux), (grads, emb_grad, users_grad) = grad_fn(model, emb, users)
   enc_grads = encoder_grads(graphdef, params, other, content, emb_grad, num, shards)
   grads["encoder"] = jax.tree.map(jnp.add, grads["encoder"], enc_grads)
+  from_users = user_grads(model_def, user_params, rng, rest, inputs, users_grad, num, shards,
+                          per_position)
+  grads = nnx.merge_state(grads, jax.tree.map(jnp.add, nnx.filter_state(grads, _USER_PARAMS), from_users))
   nnx.update(encoder, other_after)
   return (loss, aux), grads

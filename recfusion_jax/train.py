@@ -127,7 +127,8 @@ def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset,
 def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive_weight: float,
                    logq_weight: float = 1.0, full_catalogue: bool = False,
                    in_batch_weight: float = 1.0, exclude_history: bool = False,
-                   content: tuple[jax.Array, jax.Array] | None = None, loss_tile: int = 0,
+                   content: tuple[jax.Array, jax.Array] | None = None,
+                   users: Mapping[str, jax.Array | None] | None = None, loss_tile: int = 0,
                    mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Total loss and everything the step reports (shared by the step and the tests).
 
@@ -138,14 +139,16 @@ def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive
   term per target of the row (several for per-user batches). ``exclude_history`` keeps the
   items of a row's visible history out of its catalogue negatives (evaluation never ranks
   them either). ``content``: precomputed (content_emb, presence) of the batch's items instead
-  of running the encoder (the gradient-caching step, ``recfusion_jax.gradcache``).
+  of running the encoder, ``users`` the batch's precomputed ``model.encode_users`` output
+  instead of running the user tower (both: the gradient-caching step,
+  ``recfusion_jax.gradcache``).
 
   ``loss_tile`` > 0 (config ``loss_tile``): the in-batch softmax and the contrastive term are
   computed in [tile, tile] blocks (``recfusion_jax.tiled_losses``; same values and gradients),
   so neither the [B, B] logits nor the gate's [B, B, S] weights exist; with a ``mesh`` of more
   than one device as a ring over its batch axes, each device keeping its own rows.
   """
-  out = model(batch, full_catalogue=full_catalogue, content=content,
+  out = model(batch, full_catalogue=full_catalogue, content=content, users=users,
               in_batch_logits=not loss_tile)
   valid = batch["example_mask"]
   log_q = logq_weight * batch["log_q"]
@@ -223,9 +226,9 @@ def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array
                mesh: Mesh | None = None) -> tuple[Any, dict[str, jax.Array]]:
   """One optimisation step on the split (model, optimizer) state; pure, for ``jax.jit``.
 
-  ``micro_batch`` > 0 (``config.micro_batch``): the content encoder runs that many rows at a
-  time by gradient caching (``recfusion_jax.gradcache``; the same update, less activation
-  memory). ``loss_tile`` > 0: the in-batch losses in tiles (``compute_losses``). ``mesh``: the
+  ``micro_batch`` > 0 (``config.micro_batch``): the content encoder and the user tower run
+  that many rows at a time by gradient caching (``recfusion_jax.gradcache``; the same update,
+  less activation memory). ``loss_tile`` > 0: the in-batch losses in tiles (``compute_losses``). ``mesh``: the
   mesh whose devices the batch's rows are split over (the micro-batch layout and the tiled
   losses' ring follow it); None for one device.
   """

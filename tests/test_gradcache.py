@@ -1,4 +1,5 @@
-"""Gradient caching through the encoder (``config.micro_batch``) gives the one-shot update."""
+"""Gradient caching through the encoder and the user tower (``config.micro_batch``) gives the
+one-shot update."""
 
 import functools
 
@@ -43,12 +44,32 @@ def test_gradcache_step_equals_one_shot_step_full_catalogue():
   cached, aux2 = jax.jit(functools.partial(step, micro_batch=MICRO))(state, batch)
   for key in ("total_loss", "rec_loss", "contrastive_loss", "grad_norm"):
     np.testing.assert_allclose(aux2[key], aux1[key], rtol=1e-5, err_msg=key)
-  # The update moved the encoder (so its gradient came through pass 2) ...
-  before = nnx.state(nnx.merge(graphdef, state)[0].encoder, nnx.Param)
-  after = nnx.state(nnx.merge(graphdef, cached)[0].encoder, nnx.Param)
-  moved = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), before, after)
-  assert min(jax.tree.leaves(moved)) > 0
+  # The update moved the encoder and the user model (so their gradients came through the
+  # passes 2) ...
+  for tower in ("encoder", "user_encoder"):
+    before = nnx.state(getattr(nnx.merge(graphdef, state)[0], tower), nnx.Param)
+    after = nnx.state(getattr(nnx.merge(graphdef, cached)[0], tower), nnx.Param)
+    moved = jax.tree.map(lambda x, y: float(jnp.max(jnp.abs(x - y))), before, after)
+    assert min(jax.tree.leaves(moved)) > 0, tower
   # ... and every parameter, moment, cache row and RNG count equals the one-shot step's.
+  assert assert_states_close(cached, one_shot, atol=1e-5, rtol=1e-4).floats > 50
+
+
+def test_gradcache_on_a_causal_per_user_batch_equals_one_shot():
+  """Next-item rows (a causal user model, ``targets`` per history position): the user pass
+  caches the per-position users [B, L, d] the catalogue term scores."""
+  config = _config(rec_loss="full", **{"model.user.causal": True})
+  graphdef, state, schedule = _setup(config)
+  batch = random_batch(config, BATCH, NUM_USERS, NUM_ITEMS, seed=4)
+  rng = np.random.default_rng(4)
+  batch["targets"] = rng.integers(0, NUM_ITEMS, batch["history"].shape).astype(np.int32)
+  batch["target_mask"] = batch["history_mask"]
+  step = functools.partial(train.train_step, graphdef, contrastive_weight=0.5,
+                           schedule=schedule, full_catalogue=True)
+  one_shot, aux1 = jax.jit(step)(state, batch)
+  cached, aux2 = jax.jit(functools.partial(step, micro_batch=MICRO))(state, batch)
+  for key in ("total_loss", "rec_loss", "full_softmax_loss", "grad_norm"):
+    np.testing.assert_allclose(aux2[key], aux1[key], rtol=1e-5, err_msg=key)
   assert assert_states_close(cached, one_shot, atol=1e-5, rtol=1e-4).floats > 50
 
 
@@ -75,11 +96,13 @@ def test_gradcache_on_a_sharded_batch_equals_one_shot():
 
 
 def test_dropout_masks_match_between_the_passes():
-  """Encoder dropout > 0: the gradient equals the direct gradient of the micro-batched forward
-  pass (each micro-batch's masks drawn once, reused by pass 2); the RNG state ends where the
-  forward pass left it. Layout with 4 shards, as on a 4-device batch. Text alone: its stem's
-  and the trunk's dropout streams are what is tested (and the compile is much shorter)."""
-  config = _config(**{"model.encoder.dropout": 0.2, "model.modalities": ("text",)})
+  """Encoder and user model dropout > 0: the gradient equals the direct gradient of the
+  micro-batched forward pass (each micro-batch's masks drawn once, reused by pass 2); the RNG
+  state ends where the forward pass left it. Layout with 4 shards, as on a 4-device batch.
+  Text alone: its stem's and the trunk's dropout streams are what is tested (and the compile
+  is much shorter)."""
+  config = _config(**{"model.encoder.dropout": 0.2, "model.modalities": ("text",),
+                      "model.user.dropout": 0.2, "model.user.history_dropout": 0.2})
   graphdef, state, _ = _setup(config)
   batch = random_batch(config, BATCH, NUM_USERS, NUM_ITEMS, seed=3)
   loss_fn = functools.partial(train.compute_losses, contrastive_weight=0.5)
@@ -102,7 +125,13 @@ def test_dropout_masks_match_between_the_passes():
       emb, presence, after = gradcache.encode_micro_batches(
           enc_def, params, other, content, BATCH // MICRO, shards)
       nnx.update(model.encoder, after)
-      return loss_fn(model, batch, content=(emb, presence))
+      user_def, user_params, rng, rest = nnx.split(model, gradcache._USER_PARAMS,
+                                                   nnx.RngState, ...)
+      inputs = {k: batch[k] for k in gradcache.USER_KEYS}
+      users, rng_after = gradcache.encode_users_micro_batches(
+          user_def, user_params, rng, rest, inputs, BATCH // MICRO, shards)
+      nnx.update(model, rng_after)
+      return loss_fn(model, batch, content=(emb, presence), users=users)
 
     grad_fn = nnx.value_and_grad(micro_batched_loss, argnums=nnx.DiffState(0, nnx.Param),
                                  has_aux=True)
@@ -115,12 +144,13 @@ def test_dropout_masks_match_between_the_passes():
   assert_states_close(grads1, grads2, atol=1e-6, rtol=1e-4)
   counts = lambda rng: np.asarray(jax.tree.leaves(nnx.state(rng, nnx.RngCount)))
   np.testing.assert_array_equal(counts(rng1), counts(rng2))
-  # The masks were random: every dropout stream of the encoder advanced, by the same number
-  # of draws in each micro-batch's forward pass.
-  start = nnx.state(nnx.merge(graphdef, state)[0].encoder, nnx.RngCount)
-  end = nnx.state(rng1["encoder"], nnx.RngCount)
-  draws = np.asarray(jax.tree.leaves(end)) - np.asarray(jax.tree.leaves(start))
-  assert np.all(draws > 0) and np.all(draws % (BATCH // MICRO) == 0), draws
+  # The masks were random: every dropout stream of the encoder and of the user model advanced,
+  # by the same number of draws in each micro-batch's forward pass.
+  for tower in ("encoder", "user_encoder"):
+    start = nnx.state(getattr(nnx.merge(graphdef, state)[0], tower), nnx.RngCount)
+    end = nnx.state(rng1[tower], nnx.RngCount)
+    draws = np.asarray(jax.tree.leaves(end)) - np.asarray(jax.tree.leaves(start))
+    assert np.all(draws > 0) and np.all(draws % (BATCH // MICRO) == 0), (tower, draws)
 
 
 def test_micro_batch_layout_round_trips():

@@ -208,6 +208,7 @@ class RecFusion(nnx.Module):
 
   def __call__(self, batch: Mapping[str, jax.Array], full_catalogue: bool = False,
                content: tuple[jax.Array, jax.Array] | None = None,
+               users: Mapping[str, jax.Array | None] | None = None,
                in_batch_logits: bool = True) -> dict[str, jax.Array]:
     """Training forward pass over a (global) batch: logits and what the losses need.
 
@@ -225,7 +226,9 @@ class RecFusion(nnx.Module):
 
     ``content``: the batch's (content_emb [B, M, d], presence [B, M]) computed elsewhere (the
     gradient-caching step encodes them in micro-batches, ``recfusion_jax.gradcache``); the
-    encoder is then not run here, and nothing else in this pass uses it.
+    encoder is then not run here, and nothing else in this pass uses it. ``users``: likewise
+    the batch's ``encode_users`` output (per position for a causal per-user batch), used
+    instead of running the user tower.
 
     ``in_batch_logits=False`` leaves out ``logits``: a tiled loss scores ``in_batch_users``
     against ``in_batch_table`` (always returned) tile by tile instead (``train.compute_losses``
@@ -235,8 +238,9 @@ class RecFusion(nnx.Module):
     item_id = batch["item_id"]
     per_user = "targets" in batch
     per_position = per_user and self.user_encoder.causal
-    users = self.encode_users(batch["user_id"], batch["user_has_id"], batch["history"],
-                              batch["history_mask"], per_position=per_position)
+    if users is None:
+      users = self.encode_users(batch["user_id"], batch["user_has_id"], batch["history"],
+                                batch["history_mask"], per_position=per_position)
     last = ({k: v[:, -1] if v is not None else None for k, v in users.items()}
             if per_position else users)
     has_id = batch["item_has_id"]
