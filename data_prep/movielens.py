@@ -49,6 +49,7 @@ import numpy as np
 from data_prep import cli
 from data_prep.tables import BAD_INPUT_KEYS, DEFAULT_RAW_DIR, REPAIR_KEYS, BuildReport, Content, Tables
 from data_prep.tables import prepare_content, prepare_tables
+from recfusion_jax.data import records
 from recfusion_jax.data import splits as splits_lib
 
 def build_report(tables: Tables, item_content: Content) -> dict:
@@ -127,6 +128,8 @@ def build(raw_dir: str, out_dir: str, image_size: int = 64, text_len: int = 128,
                                         overwrite=not reuse_tfds)
   inter_dir = tfds_builders.build_interactions(tfds_dir, raw_dir, overwrite=not reuse_tfds)
   maps = write_id_maps(tables, out_dir)
+  # Streaming readers (data.streaming) find an item's record through this index.
+  records.write_record_index(items_dir, os.path.join(out_dir, records.INDEX_FILE))
 
   has_text = dict(zip(tables.item_ids.tolist(), item_content.has_text.tolist()))
   has_image = dict(zip(tables.item_ids.tolist(), item_content.has_image.tolist()))
@@ -150,6 +153,7 @@ def build(raw_dir: str, out_dir: str, image_size: int = 64, text_len: int = 128,
   manifest = {
       "items_tfds": os.path.relpath(items_dir, out_dir),
       "interactions_tfds": os.path.relpath(inter_dir, out_dir),
+      "item_records": records.INDEX_FILE,
       "item_map": os.path.basename(maps["item_map"]),
       "user_map": os.path.basename(maps["user_map"]),
       "splits": "splits",

@@ -16,7 +16,7 @@ presence are). At the default shapes an item takes about 2.5 MB on disk
 
 Output under ``--out_dir``, the layout of ``data_prep.movielens`` (the same loader reads both;
 configs name it ``data.source="tfds"``):
-  tfds/synthetic_mm_items/<config>/1.0.0/   TFDS ArrayRecord, one example per item: index,
+  tfds/synthetic_mm_items/<config>/1.1.0/   TFDS ArrayRecord, one example per item: index,
                                             text_ids, text_mask, image, video, has_*.
   item_map.tsv, user_map.tsv                dense index <-> id (here the same numbers).
   splits/<protocol>/seed<k>.tsv|.json       see recfusion_jax/data/splits.py; ``loo`` by
@@ -37,6 +37,7 @@ import numpy as np
 
 from configs import pod
 from data_prep import cli
+from recfusion_jax.data import records
 from recfusion_jax.data import splits as splits_lib
 from recfusion_jax.data import synthetic
 from recfusion_jax.data.types import MODALITIES
@@ -99,6 +100,8 @@ def build(out_dir: str, *, num_items: int, num_users: int, interactions_per_user
       os.path.join(out_dir, "tfds"), fields, chunk_items, overwrite=not reuse_tfds)
   plan = synthetic.content_plan(fields)   # topics and presence again: what the items hold
   maps = _write_maps(out_dir, plan.item_topic, num_users)
+  # Streaming readers (data.streaming) find an item's record through this index.
+  records.write_record_index(items_dir, os.path.join(out_dir, records.INDEX_FILE))
 
   events = synthetic.stream_interactions(fields, plan.item_topic)
   log = splits_lib.LogArrays(events.user.astype(np.int64), events.item.astype(np.int64),
@@ -127,6 +130,7 @@ def build(out_dir: str, *, num_items: int, num_users: int, interactions_per_user
   manifest = {
       "name": NAME,
       "items_tfds": os.path.relpath(items_dir, out_dir),
+      "item_records": records.INDEX_FILE,
       "item_map": maps["item_map"], "user_map": maps["user_map"],
       "splits": "splits",
       "protocols": list(protocols),

@@ -1,6 +1,6 @@
-r"""Input pipeline throughput vs. training-step consumption at the MovieLens config.
+r"""Input pipeline throughput vs. training-step consumption, at any config of ``configs/``.
 
-Two numbers, both in examples/s at ``configs/movielens.py`` (``config.batch_size`` per batch):
+Two numbers, both in examples/s at ``--config`` (``config.batch_size`` per batch):
 
   pipeline  -- ``pipeline.make_train_iterator`` + ``pipeline.make_global_batch`` on the mesh of
                all local devices: ``--batches`` batches timed after ``--warmup_batches`` (worker
@@ -17,13 +17,22 @@ Two numbers, both in examples/s at ``configs/movielens.py`` (``config.batch_size
 The pipeline should produce at least ``TARGET_RATIO`` x what the step consumes, so that a
 slower-than-measured host (shared cores, a loaded worker) never starves the step.
 
-Posters are decoded at build time (``data_prep.movielens``): the pipeline gathers decoded
-uint8 [64, 64, 3] rows from the in-memory catalogue, it does no image decoding per batch.
+With ``data.streaming`` (``configs/pod.py``) every batch reads its rows' records from the
+ArrayRecord files (``data/records.py``: protobuf parse, PNG decode of the image, a copy of the
+raw video); otherwise (``configs/movielens.py``: posters decoded at build time) the pipeline
+gathers decoded rows from the in-memory catalogue.
 
 The model is built without ``init_from`` (random weights): speed does not depend on them.
 
-  python perf/pipeline_vs_step.py --config_arg size=small
-  python perf/pipeline_vs_step.py --config_arg size=base --steps 3 --batches 100
+  python perf/pipeline_vs_step.py --config configs/movielens.py:size=small
+  python perf/pipeline_vs_step.py --config configs/movielens.py:size=base --steps 3 --batches 100
+  # pod-shaped: 224 px images, 16-frame videos, the ViT-B-sized trunk (data_prep.synthetic_pod)
+  python perf/pipeline_vs_step.py --config configs/pod.py --set batch_size=4 --set mesh.fsdp=1 \
+      --data_dir data_out/synthetic_pod --step_mode bound --batches 30
+
+At pod shapes the step does not fit this CPU (XLA asks for 31 GiB at batch 4), so
+``--step_mode bound`` compiles it without running and compares the pipeline with a step at the
+host's measured float32 matmul peak: a faster step than the real one, so the ratio is a floor.
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from configs import movielens  # noqa: E402
+import ast  # noqa: E402
+import importlib.util  # noqa: E402
+
 from recfusion_jax import sharding, train  # noqa: E402
 from recfusion_jax.data import examples, pipeline, sources  # noqa: E402
 from recfusion_jax.data.types import RecDataset  # noqa: E402
@@ -60,8 +71,12 @@ def _parse_workers(text: str) -> list[int]:
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config_arg", default="size=small",
-                      help="arg of configs/movielens.py, e.g. size=small or size=base")
+  parser.add_argument("--config", default="configs/movielens.py:size=small",
+                      help="config file and its arg, e.g. configs/movielens.py:size=base or "
+                           "configs/pod.py")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="config override (repeatable), e.g. batch_size=8; the value is "
+                           "parsed as a Python literal where it is one")
   parser.add_argument("--data_dir", default=None, help="overrides config.data.dir")
   parser.add_argument("--steps", type=int, default=10, help="timed train steps")
   parser.add_argument("--warmup_steps", type=int, default=1,
@@ -71,6 +86,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="untimed batches first (worker start-up, first-touch of the data)")
   parser.add_argument("--workers", type=_parse_workers, default=[0, 2],
                       help="comma-separated num_workers values to time, e.g. 0,2")
+  parser.add_argument("--step_mode", choices=("run", "bound"), default="run",
+                      help="run: time the jitted step; bound: compile it only and take the "
+                           "rate of a step running at this host's float32 matmul peak (its "
+                           "FLOPs from XLA's cost analysis): for models this CPU cannot run")
   parser.add_argument("--json_out", default=None, help="also write the report here")
   args = parser.parse_args(argv)
   for name in ("steps", "batches"):
@@ -80,6 +99,76 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if getattr(args, name) < 0:
       parser.error(f"--{name} must be >= 0")
   return args
+
+
+def matmul_peak_flops(dim: int = 2048, reps: int = 3) -> float:
+  """Best float32 [dim, dim] @ [dim, dim] FLOP/s on the default device, in this process."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  x = jnp.ones((dim, dim), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = 0.0
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = max(best, 2 * dim ** 3 / (time.perf_counter() - t))
+  return best
+
+
+def step_bound(dataset: RecDataset, config: ml_collections.ConfigDict, mesh,
+               index: examples.TrainExampleIndex, log_q: np.ndarray) -> dict[str, Any]:
+  """The step compiled, not run: its FLOPs (XLA cost analysis) and the examples/s of a step
+  at this host's float32 matmul peak, an upper bound on what the real step consumes here."""
+  tx, schedule = train.make_optimizer(config, config.num_steps)
+  graphdef, state, state_shardings = train.create_sharded_state(config, dataset, mesh, tx)
+  step_fn = train.jit_train_step(graphdef, state_shardings, mesh, schedule=schedule,
+                                 **train.step_settings(config))
+  it = _new_iterator(dataset, config, 0, index, log_q)
+  try:
+    batch = pipeline.make_global_batch(next(it), mesh)
+  finally:
+    it.close()
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost["flops"])
+  peak = matmul_peak_flops()
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0],
+                                                              nnx.Param)))
+  return {"mode": "bound", "step_flops": flops, "flops_per_example": flops / config.batch_size,
+          "matmul_peak_flops_per_s": peak, "compile_s": compile_s,
+          "examples_per_s": peak * config.batch_size / flops, "params": int(params),
+          "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+
+
+def load_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
+  """``path[:arg]`` -> that file's ``get_config(arg)`` with ``KEY=VALUE`` overrides applied
+  (the script is not an absl program, so config_flags' parser is not available here)."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("perf_config", path)
+  if module_spec is None or module_spec.loader is None:
+    raise ValueError(f"--config {spec!r}: {path} is not a Python file")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(arg or None)
+  for item in overrides:
+    key, sep, text = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+    try:
+      value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      value = text
+    parent = config
+    *head, leaf = key.split(".")
+    for name in head:
+      parent = parent[name]
+    if leaf not in parent:
+      raise ValueError(f"--set {item!r}: {key} is not a field of the config")
+    parent[leaf] = value
+  return config
 
 
 def _machine() -> dict[str, Any]:
@@ -102,10 +191,8 @@ def _batch_bytes(batch: dict[str, np.ndarray]) -> dict[str, Any]:
 def _new_iterator(dataset: RecDataset, config: ml_collections.ConfigDict, num_workers: int,
                   index: examples.TrainExampleIndex, log_q: np.ndarray):
   # Exactly what train_and_evaluate builds (one process: local batch = global batch).
-  return pipeline.make_train_iterator(
-      dataset, batch_size=config.batch_size // jax.process_count(),
-      history_len=config.model.user.history_len, seed=config.seed, num_workers=num_workers,
-      index=index, log_q=log_q)
+  return pipeline.train_iterator_from_config(config, dataset, num_workers=num_workers,
+                                             index=index, log_q=log_q)
 
 
 def time_pipeline(dataset: RecDataset, config: ml_collections.ConfigDict, mesh,
@@ -191,7 +278,7 @@ def time_step(dataset: RecDataset, config: ml_collections.ConfigDict, mesh, step
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = _parse_args(argv)
-  config = movielens.get_config(args.config_arg)
+  config = load_config(args.config, args.set)
   config.init_from = ""  # a pretrained checkpoint changes values, not speed
   if args.data_dir:
     config.data.dir = args.data_dir
@@ -211,18 +298,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   sample = next(it)
   it.close()
   cat = dataset.catalogue
-  image_shape = None if cat.image is None else [str(cat.image.dtype), list(cat.image.shape)]
+  streaming = cat.records is not None
+  content = ("read record by record from ArrayRecord per batch (data.streaming)" if streaming
+             else "gathered from the in-memory catalogue (decoded at build time)")
 
   machine = _machine()
   print("command:", " ".join([sys.executable] + sys.argv))
   print(f"machine: {machine['cpu_count']} CPUs ({machine['cpus_usable']} usable), "
         f"load avg {machine['load_avg_1_5_15']}, jax {machine['jax']} "
         f"{machine['backend']}: {machine['devices']}")
-  print(f"config: movielens:{args.config_arg} (init_from=''), batch_size {config.batch_size}, "
+  print(f"config: {args.config} {args.set} (init_from=''), batch_size {config.batch_size}, "
         f"mesh {dict(mesh.shape)}, {len(dataset.train)} train interactions, "
         f"{cat.num_items} items; batch {_batch_bytes(sample)['total'] / 2**20:.2f} MiB")
-  print(f"note: posters are decoded at build time (data_prep.movielens); the pipeline gathers "
-        f"decoded uint8 rows {image_shape} from memory, no per-batch decoding.")
+  print(f"content: {content}; per batch {_batch_bytes(sample)['fields']}")
 
   pipe = []
   for w in args.workers:
@@ -233,11 +321,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
           f"make_global_batch {r['ms_per_batch_make_global_batch']:.2f}; "
           f"start-up + warm-up {r['startup_and_warmup_s']:.1f} s)", flush=True)
 
-  step = time_step(dataset, config, mesh, args.steps, args.warmup_steps, index, log_q)
-  print(f"train step: {step['examples_per_s']:,.1f} examples/s "
-        f"({step['s_per_step_median']:.3f} s/step median, {step['s_per_step_mean']:.3f} mean, "
-        f"{args.steps} steps; compile + first step {step['compile_and_first_step_s']:.1f} s; "
-        f"{step['params']:,} params)")
+  if args.step_mode == "bound":
+    step = step_bound(dataset, config, mesh, index, log_q)
+    print(f"train step (bound, not run): {step['flops_per_example'] / 1e9:,.1f} GFLOP an "
+          f"example (XLA cost analysis; {step['params']:,} params, "
+          f"{step['temp_bytes'] / 2**30:.1f} GiB of temporaries); at this host's float32 "
+          f"matmul peak, {step['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s, it would consume "
+          f"{step['examples_per_s']:,.2f} examples/s")
+  else:
+    step = time_step(dataset, config, mesh, args.steps, args.warmup_steps, index, log_q)
+    print(f"train step: {step['examples_per_s']:,.1f} examples/s "
+          f"({step['s_per_step_median']:.3f} s/step median, {step['s_per_step_mean']:.3f} "
+          f"mean, {args.steps} steps; compile + first step "
+          f"{step['compile_and_first_step_s']:.1f} s; {step['params']:,} params)")
 
   ratios = {}
   for r in pipe:
@@ -251,13 +347,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
   report = {
       "command": [sys.executable] + sys.argv, "args": vars(args), "machine": machine,
-      "config": {"arg": args.config_arg, "batch_size": config.batch_size,
+      "config": {"spec": args.config, "overrides": args.set, "batch_size": config.batch_size,
                  "data_dir": config.data.dir, "protocol": config.data.protocol,
                  "text_len": config.data.text_len, "init_from": config.init_from,
                  "encoder": config.model.encoder.to_dict(), "mesh": dict(mesh.shape)},
       "data": {"load_s": load_s, "train_examples": int(index.num_examples),
-               "num_items": int(cat.num_items), "catalogue_image": image_shape,
-               "image_decode": "at build time (data_prep.movielens); gathered from memory",
+               "num_items": int(cat.num_items), "streaming": streaming, "content": content,
                "batch_bytes": _batch_bytes(sample)},
       "pipeline": pipe, "step": step, "ratio_pipeline_over_step": ratios,
       "target_ratio": TARGET_RATIO,

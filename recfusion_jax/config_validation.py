@@ -77,6 +77,7 @@ SCHEMA: dict[str, Any] = {
         "name": _anything, "filter_cold_users": _choice(True, False),   # mmrec
         "synthetic": None,
         "num_workers": _int(0),
+        "streaming": _choice(True, False),   # content read record by record (data/records.py)
         "history": _choice("earlier", "all_others"),
         "example": _choice("interaction", "cloze", "next"),
         "target_share": _number(0.0, strict=True, maximum=1.0),

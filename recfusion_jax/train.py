@@ -494,15 +494,9 @@ def train_model(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                len(dataset.valid), len(dataset.test), len(dataset.cold_items))
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  local_batch = config.batch_size // jax.process_count()
   index = examples.TrainExampleIndex.build(dataset)
   log_q = examples.item_log_q(dataset)
-  data_iter = pipeline.make_train_iterator(
-      dataset, batch_size=local_batch, history_len=config.model.user.history_len,
-      seed=config.seed, num_workers=config.data.num_workers, index=index, log_q=log_q,
-      history=config.data.get("history", "earlier"),
-      example=config.data.get("example", "interaction"),
-      target_share=config.data.get("target_share", 0.2))
+  data_iter = pipeline.train_iterator_from_config(config, dataset, index=index, log_q=log_q)
 
   tx, schedule = make_optimizer(config, config.num_steps)
   graphdef, state, state_shardings = create_sharded_state(config, dataset, mesh, tx)

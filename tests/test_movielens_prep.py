@@ -401,3 +401,83 @@ def test_loader_rejects_unknown_protocol_and_seed(built):
     loader.load_movielens(out, "random", 0)
   with pytest.raises(FileNotFoundError):
     loader.load_movielens(out, "loo", 1)
+
+
+@pytest.mark.parametrize("protocol", ["warm_ratio", "missing_modality"])
+def test_streaming_catalogue_reads_what_the_in_memory_one_holds(built, protocol):
+  # data.streaming: content read record by record must equal the arrays read whole, after text
+  # truncation and the test-time modality mask, for ids of any shape; the catalogue pickled to
+  # a Grain worker carries the record index, not the content.
+  import pickle
+  from recfusion_jax.data import movielens as loader
+  from recfusion_jax.data import sources
+  out, _, expected = built
+  whole = loader.load_movielens(out, protocol, 0)
+  streamed = loader.load_movielens(out, protocol, 0, streaming=True)
+  assert streamed.catalogue.text_ids is None and streamed.catalogue.image is None
+  np.testing.assert_array_equal(streamed.catalogue.presence, whole.catalogue.presence)
+  n = expected["items"]
+  ids = np.random.default_rng(0).integers(0, n, (3, 5))
+  for a, b in ((whole, streamed), (sources.truncate_text(whole, 5),
+                                   sources.truncate_text(streamed, 5))):
+    got, want = b.catalogue.content(ids), a.catalogue.content(ids)
+    assert sorted(got) == sorted(want)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  assert got["text_ids"].shape == (3, 5, 5)
+  if protocol == "missing_modality":
+    presence = loader.load_test_presence(out, 0)
+    assert not presence.all()
+    masked_whole = loader.apply_presence(whole.catalogue, presence)
+    masked_streamed = loader.apply_presence(streamed.catalogue, presence)
+    want, got = masked_whole.content(np.arange(n)), masked_streamed.content(np.arange(n))
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  revived = pickle.loads(pickle.dumps(streamed.catalogue))
+  np.testing.assert_array_equal(revived.content(ids)["image"],
+                                streamed.catalogue.content(ids)["image"])
+  assert len(pickle.dumps(streamed.catalogue)) < 0.5 * len(pickle.dumps(whole.catalogue))
+  with pytest.raises(IndexError, match="out of"):
+    streamed.catalogue.content(np.asarray([n]))
+
+
+def test_streaming_rejects_a_record_index_of_other_records(built, tmp_path):
+  import shutil
+  from recfusion_jax.data import movielens as loader
+  from recfusion_jax.data import records
+  out, _, _ = built
+  copy = tmp_path / "build"
+  shutil.copytree(out, copy)
+  lines = (copy / records.INDEX_FILE).read_text().splitlines()
+  header, rows = lines[0], [line.split("\t") for line in lines[1:]]
+  rows[0][1], rows[1][1] = rows[1][1], rows[0][1]     # items 0 and 1 swap records
+  (copy / records.INDEX_FILE).write_text(
+      "\n".join([header] + ["\t".join(r) for r in rows]) + "\n")
+  data = loader.load_movielens(copy, "warm_ratio", 0, streaming=True)
+  with pytest.raises(ValueError, match="does not belong to these records"):
+    data.catalogue.content(np.asarray([0, 2]))
+  (copy / records.INDEX_FILE).unlink()
+  with pytest.raises(FileNotFoundError, match="streaming"):
+    loader.load_movielens(copy, "warm_ratio", 0, streaming=True)
+
+
+def test_streaming_pipeline_workers_read_the_records(built):
+  # A Grain worker process gets the catalogue's record index (not its content), opens the
+  # ArrayRecord files itself, and builds the batches the in-memory pipeline builds.
+  from recfusion_jax.data import movielens as loader
+  from recfusion_jax.data import pipeline
+  out, _, _ = built
+  whole = loader.load_movielens(out, "warm_ratio", 0)
+  streamed = loader.load_movielens(out, "warm_ratio", 0, streaming=True)
+  settings = dict(batch_size=6, history_len=4, seed=3, process_index=0, process_count=1,
+                  history="all_others", example="cloze")
+  want = pipeline.make_train_iterator(whole, num_workers=0, **settings)
+  got = pipeline.make_train_iterator(streamed, num_workers=1, **settings)
+  try:
+    for _ in range(3):
+      a, b = next(want), next(got)
+      assert sorted(a) == sorted(b)
+      for key in a:
+        np.testing.assert_array_equal(b[key], a[key], err_msg=key)
+  finally:
+    got.close()

@@ -55,11 +55,8 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   index = examples.TrainExampleIndex.build(fit)
   example = config.data.get("example", "interaction")
-  data_iter = pipeline.make_train_iterator(
-      fit, batch_size=config.batch_size, history_len=config.model.user.history_len,
-      seed=config.seed, num_workers=0, index=index, log_q=examples.item_log_q(fit),
-      history=config.data.get("history", "earlier"), example=example,
-      target_share=config.data.get("target_share", 0.2))
+  data_iter = pipeline.train_iterator_from_config(config, fit, num_workers=0, index=index,
+                                                 log_q=examples.item_log_q(fit))
   tx, schedule = train.make_optimizer(config, steps)
   # train_model's init, so the curve's last row is the runner's score to the last bit.
   graphdef, state, shardings = train.create_sharded_state(config, fit, mesh, tx)

@@ -48,7 +48,8 @@ def _raw_protocol(config: ml_collections.ConfigDict, protocol: str, seed: int
   """(data set, test-time presence or None) of a ranking protocol of ``config.data``."""
   seed = split_seed(protocol, seed)
   if config.data.source == "movielens":
-    dataset = movielens.load_movielens(config.data.dir, protocol, seed)
+    dataset = movielens.load_movielens(config.data.dir, protocol, seed,
+                                       streaming=config.data.get("streaming", False))
     presence = (movielens.load_test_presence(config.data.dir, seed)
                 if protocol == "missing_modality" else None)
     return dataset, presence

@@ -21,7 +21,7 @@ import os
 import numpy as np
 from etils import epath
 
-from recfusion_jax.data import splits, types
+from recfusion_jax.data import records, splits, types
 
 PROTOCOLS = splits.PROTOCOLS
 
@@ -92,14 +92,16 @@ def load_catalogue_arrays(data_dir: str | os.PathLike) -> dict[str, np.ndarray]:
   return arrays
 
 
-def load_movielens(data_dir: str | os.PathLike, protocol: str, seed: int = 0
-                   ) -> types.RecDataset:
+def load_movielens(data_dir: str | os.PathLike, protocol: str, seed: int = 0, *,
+                   streaming: bool = False) -> types.RecDataset:
   """Loads one protocol/seed of the built MovieLens data as a RecDataset.
 
   Args:
     data_dir: the ``--out_dir`` of ``python -m data_prep.movielens``.
     protocol: one of PROTOCOLS (see recfusion_jax/data/splits.py for their definitions).
     seed: split seed; ``loo`` has only seed 0.
+    streaming: keep the content in the ArrayRecord files (``records.ItemRecords``: a batch
+      reads its rows) instead of reading every item into memory.
 
   Returns:
     RecDataset with dense ids; train/valid/test keep only positives (rating >= the protocol's
@@ -117,9 +119,22 @@ def load_movielens(data_dir: str | os.PathLike, protocol: str, seed: int = 0
     raise FileNotFoundError(f"{tsv} not found; built seeds: {manifest['seeds'][protocol]}")
   meta = json.loads((base / f"seed{seed}.json").read_text())
   item_raw, user_raw = read_id_maps(data_dir)
-  arrays = load_catalogue_arrays(data_dir)
-  if not np.array_equal(arrays["item_id"], item_raw):
-    raise ValueError(f"{data_dir}: item_map.tsv and the TFDS items disagree")
+  if streaming:
+    record_index = records.read_record_index(
+        epath.Path(data_dir) / manifest.get("item_records", records.INDEX_FILE))
+    if len(record_index) != item_raw.size:
+      raise ValueError(f"{data_dir}: {len(record_index)} items in {records.INDEX_FILE}, "
+                       f"{item_raw.size} in item_map.tsv")
+    item_records = records.ItemRecords(epath.Path(data_dir) / manifest["items_tfds"],
+                                       record_index)
+    arrays = {f"has_{m}": records.presence_of(record_index)[:, k]
+              for k, m in enumerate(types.MODALITIES) if m != "video" or "video" in
+              item_records.keys}
+  else:
+    item_records = None
+    arrays = load_catalogue_arrays(data_dir)
+    if not np.array_equal(arrays["item_id"], item_raw):
+      raise ValueError(f"{data_dir}: item_map.tsv and the TFDS items disagree")
 
   log, labels = splits.read_split_tsv(tsv)
   # Id maps are written in ascending raw-id order, so a binary search maps raw -> dense.
@@ -144,8 +159,9 @@ def load_movielens(data_dir: str | os.PathLike, protocol: str, seed: int = 0
     if f"has_{modality}" in arrays:
       presence[:, types.MODALITIES.index(modality)] = arrays[f"has_{modality}"]
   catalogue = types.Catalogue(
-      text_ids=arrays["text_ids"], text_mask=arrays["text_mask"], image=arrays["image"],
-      video=arrays.get("video"), presence=presence, has_id=has_id)
+      text_ids=arrays.get("text_ids"), text_mask=arrays.get("text_mask"),
+      image=arrays.get("image"), video=arrays.get("video"), presence=presence, has_id=has_id,
+      records=item_records)
   return types.RecDataset(
       catalogue=catalogue, num_users=int(num_users), train=train, valid=valid, test=test,
       cold_items=np.flatnonzero(~has_id).astype(np.int32), user_has_id=user_has_id,
@@ -187,7 +203,7 @@ def apply_presence(catalogue: types.Catalogue, presence: np.ndarray) -> types.Ca
       image=None if catalogue.image is None else catalogue.image * image_on[:, None, None, None],
       video=None if catalogue.video is None else
       catalogue.video * video_on[:, None, None, None, None],
-      presence=presence, has_id=catalogue.has_id,
+      presence=presence, has_id=catalogue.has_id, records=catalogue.records,
       features=None if catalogue.features is None else {
           m: value * presence[:, types.MODALITIES.index(m)][:, None]
           for m, value in catalogue.features.items()})

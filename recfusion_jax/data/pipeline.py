@@ -230,6 +230,23 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
   return iterator
 
 
+def train_iterator_from_config(config: Any, dataset: RecDataset, *,
+                               num_workers: int | None = None,
+                               index: TrainExampleIndex | None = None,
+                               log_q: np.ndarray | None = None) -> grain.DatasetIterator:
+  """``make_train_iterator`` with the settings of ``config.data`` / ``config.model.user``: the
+  one place the train loop, the valid curve and the pipeline benchmark read them from.
+  ``num_workers`` defaults to ``config.data.num_workers``; the batch is this process's share
+  of ``config.batch_size``."""
+  data = config.data
+  return make_train_iterator(
+      dataset, batch_size=config.batch_size // jax.process_count(),
+      history_len=config.model.user.history_len, seed=config.seed,
+      num_workers=data.get("num_workers", 0) if num_workers is None else num_workers,
+      index=index, log_q=log_q, history=data.get("history", "earlier"),
+      example=data.get("example", "interaction"), target_share=data.get("target_share", 0.2))
+
+
 # ---- the global position, across process counts ------------------------------------------------
 
 _SPEC_ATTR = "recfusion_stream_spec"

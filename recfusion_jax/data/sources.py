@@ -20,7 +20,8 @@ def load_dataset(config: ml_collections.ConfigDict) -> RecDataset:
   if config.data.source == "synthetic":
     return make_synthetic(seed=config.seed, **config.data.synthetic.to_dict())
   if config.data.source in ("movielens", "tfds"):
-    dataset = load_movielens(config.data.dir, config.data.protocol, seed=config.data.split_seed)
+    dataset = load_movielens(config.data.dir, config.data.protocol, seed=config.data.split_seed,
+                             streaming=config.data.get("streaming", False))
     dataset = truncate_text(dataset, config.data.get("text_len"))
     if config.data.source == "tfds":
       check_content_shapes(dataset, config.model, config.data.dir)
@@ -39,23 +40,29 @@ def check_content_shapes(dataset: RecDataset, model: ml_collections.ConfigDict,
   cat, e = dataset.catalogue, model.encoder
   problems = []
   wanted = [m for m in model.modalities if e[m].get("stem") != "features"]
-  for modality, value in (("text", cat.text_ids), ("image", cat.image), ("video", cat.video)):
-    if modality in wanted and value is None:
+  # One item's shape per content key, from the arrays or (streaming) the records' features.
+  if cat.records is not None:
+    shapes, top = dict(cat.records.shapes), cat.records.max_token
+  else:
+    shapes = {key: getattr(cat, key).shape[1:] for key in ("text_ids", "image", "video")
+              if getattr(cat, key) is not None}
+    top = int(cat.text_ids.max(initial=0)) if cat.text_ids is not None else 0
+  for modality, key in (("text", "text_ids"), ("image", "image"), ("video", "video")):
+    if modality in wanted and key not in shapes:
       problems.append(f"it has no {modality} (drop it from model.modalities)")
-  if "text" in wanted and cat.text_ids is not None:
-    top = int(cat.text_ids.max(initial=0))
+  if "text" in wanted and "text_ids" in shapes:
     if top >= e.text.vocab_size:
       problems.append(f"token ids reach {top}, model.encoder.text.vocab_size is "
                       f"{e.text.vocab_size}")
-    if cat.text_ids.shape[1] > e.text.max_len:
-      problems.append(f"texts are {cat.text_ids.shape[1]} tokens, model.encoder.text.max_len "
+    if shapes["text_ids"][0] > e.text.max_len:
+      problems.append(f"texts are {shapes['text_ids'][0]} tokens, model.encoder.text.max_len "
                       f"is {e.text.max_len}")
-  if "image" in wanted and cat.image is not None and cat.image.shape[1:3] != (e.image.size,) * 2:
-    problems.append(f"images are {cat.image.shape[1]} px, model.encoder.image.size is "
+  if "image" in wanted and "image" in shapes and shapes["image"][:2] != (e.image.size,) * 2:
+    problems.append(f"images are {shapes['image'][0]} px, model.encoder.image.size is "
                     f"{e.image.size}")
-  if "video" in wanted and cat.video is not None and cat.video.shape[1:4] != (
+  if "video" in wanted and "video" in shapes and shapes["video"][:3] != (
       e.video.frames, e.video.size, e.video.size):
-    problems.append(f"videos are {cat.video.shape[1]} frames of {cat.video.shape[2]} px, "
+    problems.append(f"videos are {shapes['video'][0]} frames of {shapes['video'][1]} px, "
                     f"model.encoder.video has {e.video.frames} of {e.video.size}")
   if problems:
     raise ValueError(f"{where}: the data does not fit the model: {'; '.join(problems)}")
@@ -82,6 +89,12 @@ def load_mmrec(config: ml_collections.ConfigDict) -> RecDataset:
 def truncate_text(dataset: RecDataset, text_len: int | None) -> RecDataset:
   """Keeps the first ``text_len`` tokens of every item (a cheaper text stem on small machines)."""
   cat = dataset.catalogue
+  if cat.records is not None:
+    stored = cat.records.shapes.get("text_ids", (0,))[0]
+    if not text_len or stored <= text_len:
+      return dataset
+    return dataclasses.replace(dataset, catalogue=dataclasses.replace(
+        cat, records=cat.records.with_text_len(text_len)))
   if not text_len or cat.text_ids is None or cat.text_ids.shape[1] <= text_len:
     return dataset
   cat = dataclasses.replace(cat, text_ids=cat.text_ids[:, :text_len],

@@ -12,6 +12,7 @@ is False -- there is no magic "unknown" id.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -60,6 +61,9 @@ class Catalogue:
   A modality that a data set does not have at all (video for MovieLens) is None;
   a modality that one item lacks has presence False and zeros in its row.
 
+  A streaming catalogue (``data.streaming``) holds ``records`` in place of the content arrays:
+  ``content`` reads the rows it is asked for, and the catalogue itself is a few numbers an item.
+
   ``features`` holds modalities given as precomputed vectors instead of raw content (MMRec's
   ``text_feat.npy`` / ``image_feat.npy``): {modality: [N, F] float32}; the encoder's
   ``features`` stem reads them under the batch key ``feature_key(modality)``.
@@ -72,6 +76,9 @@ class Catalogue:
   presence: np.ndarray             # [N, M] bool, columns in MODALITIES order
   has_id: np.ndarray               # [N] bool: item has a trained ID embedding (seen in training)
   features: dict[str, np.ndarray] | None = None  # {modality: [N, F] float32}, see above
+  # Streaming: content read record by record (``records.ItemRecords``) instead of the four
+  # arrays above, which are then None; ``content`` zeroes what ``presence`` marks absent.
+  records: Any = None
 
   def __post_init__(self):
     for modality, value in (self.features or {}).items():
@@ -88,6 +95,14 @@ class Catalogue:
   def content(self, item_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Content arrays of ``item_ids`` under their batch keys (absent modalities omitted)."""
     out = {"presence": self.presence[item_ids], "item_has_id": self.has_id[item_ids]}
+    if self.records is not None:
+      out.update(self.records.read(item_ids))
+      # The stored content of a modality marked absent here (missing_modality's test-time
+      # mask, ``movielens.apply_presence``) must not reach the scores: zero it on read.
+      for key, modality in (("text_ids", "text"), ("text_mask", "text"), ("image", "image"),
+                            ("video", "video")):
+        if key in out:   # ``read`` returns fresh arrays: zero in place, no copy of videos
+          out[key][~out["presence"][..., MODALITIES.index(modality)]] = 0
     for key in ("text_ids", "text_mask", "image", "video"):
       value = getattr(self, key)
       if value is not None:
