@@ -42,17 +42,18 @@ def test_unknown_recipe_is_an_error():
     config_lib.apply_recipe(tiny.get_config(), "fancy", "warm_ratio")
 
 
-def test_runner_sets_the_recipe_per_protocol():
-  """A base config built for warm_ratio gets loo's history rule on loo fits (and back), and the
-  recipe's fields on both."""
+def test_runner_keeps_the_recipe_and_overrides_and_sets_the_history_rule():
+  """A base config built for warm_ratio gets loo's history rule on loo fits (and back); the
+  recipe's fields come from the config, so a --config override of one of them holds."""
   from recfusion_jax.benchmark.fit import content_config  # pylint: disable=import-outside-toplevel
   base = movielens.get_config("size=small,recipe=dot")
-  base.data.example = "next"   # a stray field the recipe owns is set back on every fit
+  base.data.target_share = 0.5   # as --config.data.target_share=0.5 would
   loo = content_config("RecFusion", base, "loo", 0)
-  assert (loo.data.example, loo.model.user.kind, loo.data.history) == ("cloze", "pool", "earlier")
+  assert (loo.data.example, loo.model.user.kind, loo.data.history,
+          loo.data.target_share) == ("cloze", "pool", "earlier", 0.5)
   warm = content_config("RecFusion", movielens.get_config("size=small,protocol=loo,recipe=dot"),
                         "warm_ratio", 0)
-  assert (warm.data.example, warm.model.user.kind, warm.exclude_history,
-          warm.data.history) == ("cloze", "pool", True, "all_others")
+  assert (warm.data.example, warm.model.user.kind, warm.exclude_history, warm.data.history,
+          warm.model.user.history_len) == ("cloze", "pool", True, "all_others", 768)
   paper = content_config("RecFusion", movielens.get_config("size=small"), "loo", 0)
   assert paper.data.get("example", "interaction") == "interaction"

@@ -71,7 +71,6 @@ def content_config(name: str, base: ml_collections.ConfigDict, protocol: str, se
     config.data.protocol = protocol
     config.data.split_seed = split_seed(protocol, seed)
     config.data.history = config_lib.history_for_protocol(protocol)
-  config_lib.recipe_protocol_fields(config, protocol)
   config.seed = seed
   registry.CONTENT_MODELS[name](config)
   if quick:
