@@ -87,6 +87,29 @@ def test_user_batches_visit_every_user_and_resume_exactly(small, example):
   _assert_batches_equal(_take(fresh, 3), expected)
 
 
+@pytest.mark.parametrize("example", ["cloze", "next"])
+def test_user_batches_do_not_depend_on_the_process_count(small, example):
+  # Two processes, each building its half of every global batch, give the rows one process
+  # builds, random hold-outs included (keyed by user and epoch, not by the block), across
+  # epoch boundaries; and a user's hidden items change from one epoch to the next.
+  kwargs = dict(example=example, target_share=0.3)
+  whole = _take(_iterator(small, batch_size=2 * BATCH, process_index=0, process_count=1,
+                          **kwargs), 4)
+  halves = [_take(_iterator(small, process_index=p, process_count=2, **kwargs), 4)
+            for p in range(2)]
+  for batch, first, second in zip(whole, *halves):
+    for key in batch:
+      np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key],
+                                    err_msg=key)
+  if example == "cloze":
+    users = examples.trained_users(examples.TrainExampleIndex.build(small))
+    rows = np.concatenate([b["user_id"][b["example_mask"]] for b in whole])
+    hidden = np.concatenate([b["target_mask"][b["example_mask"]] for b in whole])
+    first_epoch, second_epoch = hidden[:len(users)], hidden[len(users):2 * len(users)]
+    order = np.argsort(rows[:len(users)]), np.argsort(rows[len(users):2 * len(users)])
+    assert not np.array_equal(first_epoch[order[0]], second_epoch[order[1]])
+
+
 def test_orbax_checkpoint_roundtrip(small, tmp_path):
   iterator = _iterator(small)
   _take(iterator, 7)

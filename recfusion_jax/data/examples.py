@@ -230,7 +230,8 @@ class TrainBatchFn:
 
 def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.ndarray, *,
                     history_len: int, log_q: np.ndarray, batch_size: int, kind: str,
-                    target_share: float, seed: int) -> dict[str, np.ndarray]:
+                    target_share: float, seed: int, epochs: np.ndarray | None = None
+                    ) -> dict[str, np.ndarray]:
   """A batch of whole users, each with several targets (TRAIN_BATCH_SPEC keys).
 
   One forward pass of the user model serves every target of its row, where an interaction
@@ -246,8 +247,10 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
 
   ``item_id`` (whose content the encoder trains on, with the in-batch and contrastive terms)
   is one of the row's targets: a random one (cloze) or the latest (next). ``users`` holds
-  user ids or -1 (padding rows). The random choices are a pure function of ``seed`` and the
-  batch's users, so a restored input pipeline reproduces them.
+  user ids or -1 (padding rows). A row's random choices are a pure function of ``seed``, its
+  user and its epoch (``epochs``, one per row; default 0): not of the other rows of the batch,
+  so a restored pipeline reproduces them and P processes, each building its block of a global
+  batch, draw what one process draws for the whole of it.
   """
   if kind not in ("cloze", "next"):
     raise ValueError(f"user batches are 'cloze' or 'next', got {kind!r}")
@@ -262,22 +265,27 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
   ids[:users.size] = np.maximum(users, 0)
   if ids.max(initial=0) >= dataset.num_users:
     raise ValueError(f"user ids must be < {dataset.num_users}")
-  rng = np.random.default_rng([seed, *np.frombuffer(
-      np.ascontiguousarray(np.where(valid, ids, -1)).tobytes(), np.uint32).tolist()])
   if kind == "cloze":
     window, in_window = index.user_history(ids, history_len)
     in_window &= valid[:, None]
-    hidden = (rng.random(window.shape) < target_share) & in_window
+    epochs = np.zeros(batch_size, np.int64) if epochs is None else np.asarray(epochs)
+    if epochs.shape != (batch_size,):
+      raise ValueError(f"epochs must have shape ({batch_size},), got {epochs.shape}")
+    # Three uniform draws per window slot and row, from the row's own generator.
+    draws = np.stack([np.random.default_rng([seed, int(e), int(u)]).random((3, history_len))
+                      if ok else np.zeros((3, history_len))
+                      for u, e, ok in zip(ids.tolist(), epochs.tolist(), valid.tolist())])
+    hidden = (draws[:, 0] < target_share) & in_window
     # Rows with items but no target get one: every user contributes a target each epoch.
     none = ~hidden.any(1) & in_window.any(1)
     if none.any():
-      scores = np.where(in_window[none], rng.random(in_window[none].shape), -1.0)
+      scores = np.where(in_window[none], draws[none, 1], -1.0)
       hidden[np.flatnonzero(none), np.argmax(scores, 1)] = True
     # A user with a single item has nothing left to read: the learned default user, plus the
     # user's ID embedding, then stands for the history (as for a cold user at evaluation).
     history, history_mask = window, in_window & ~hidden
     targets, target_mask = window, hidden
-    pick = np.argmax(np.where(hidden, rng.random(hidden.shape), -1.0), axis=1)
+    pick = np.argmax(np.where(hidden, draws[:, 2], -1.0), axis=1)
     item = window[np.arange(batch_size), pick]
   else:
     window, in_window = index.user_history(ids, history_len + 1)
@@ -312,10 +320,13 @@ class UserBatchFn:
     self.kwargs = dict(history_len=history_len, log_q=log_q, batch_size=batch_size, kind=kind,
                        target_share=target_share, seed=seed)
 
-  def __call__(self, positions: np.ndarray) -> dict[str, np.ndarray]:
-    positions = np.asarray(positions)
+  def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """``rows``: [2, B] (position in ``users`` or -1, epoch) from ``example_id_batches(...,
+    with_epochs=True)``, or [B] positions (epoch 0)."""
+    rows = np.asarray(rows)
+    positions, epochs = (rows[0], rows[1]) if rows.ndim == 2 else (rows, None)
     users = np.where(positions >= 0, self.users[np.maximum(positions, 0)], -1)
-    return make_user_batch(self.dataset, self.index, users, **self.kwargs)
+    return make_user_batch(self.dataset, self.index, users, epochs=epochs, **self.kwargs)
 
 
 def trained_users(index: TrainExampleIndex) -> np.ndarray:

@@ -14,8 +14,9 @@ epoch and all yield the same number of batches; and where the mesh holds each pr
 together in process order (``sharding.make_mesh`` on CPU processes), ``make_global_batch`` puts
 block ``p`` at rows ``p * G / P ..``: the global batches, rows in order, do not depend on the
 process count, and P processes train on exactly the batches one process would
-(tests/test_multiprocess.py). Per-user rows (``example`` cloze / next) are the exception in
-their random choices, which ``examples.make_user_batch`` seeds with the users of one block.
+(tests/test_multiprocess.py). Per-user rows (``example`` cloze / next) too: each row's random
+choices are keyed by the seed, its user and its epoch (``examples.make_user_batch``), never by
+the rest of the block (tests/test_pipeline.py).
 
 Checkpointing: the returned ``grain.DatasetIterator`` has ``get_state``/``set_state`` (JSON-able
 dicts). With Orbax, save it next to the model (``checkpointing.Checkpointer`` does)::
@@ -61,7 +62,8 @@ class _BatchExampleIds:
   """
 
   def __init__(self, num_examples: int, batch_size: int, seed: int, process_index: int,
-               process_count: int, num_epochs: int | None):
+               process_count: int, num_epochs: int | None, with_epochs: bool = False):
+    self.with_epochs = with_epochs
     self.num_examples = num_examples
     self.batch_size = batch_size
     self.seed = seed
@@ -110,7 +112,7 @@ class _BatchExampleIds:
     for e in np.unique(epoch[valid]):
       rows = valid & (epoch == e)
       out[rows] = self._permutation(int(e))[offset[rows]]
-    return out
+    return np.stack([out, epoch]) if self.with_epochs else out
 
 
 def _resolve_process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -125,8 +127,10 @@ def _resolve_process(process_index: int | None, process_count: int | None) -> tu
 
 def example_id_batches(num_examples: int, batch_size: int, *, seed: int,
                        num_epochs: int | None = None, process_index: int | None = None,
-                       process_count: int | None = None) -> grain.MapDataset:
-  """This process's batches of example ids: [batch_size] int64 arrays, -1 marks padding.
+                       process_count: int | None = None,
+                       with_epochs: bool = False) -> grain.MapDataset:
+  """This process's batches of example ids: [batch_size] int64 arrays, -1 marks padding
+  (``with_epochs``: [2, batch_size], the ids and each row's epoch).
 
   Each epoch is a fresh permutation (seeded by ``seed`` and the epoch number); batches run
   across epoch boundaries, and only the last batch of a finite run has trailing padding.
@@ -143,7 +147,7 @@ def example_id_batches(num_examples: int, batch_size: int, *, seed: int,
     raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
   process_index, process_count = _resolve_process(process_index, process_count)
   ids_of = _BatchExampleIds(num_examples, batch_size, seed, process_index, process_count,
-                            num_epochs)
+                            num_epochs, with_epochs)
   return grain.MapDataset.range(ids_of.num_batches()).map(ids_of)
 
 
@@ -181,8 +185,11 @@ def make_train_dataset(dataset: RecDataset, *, batch_size: int, history_len: int
   if example not in EXAMPLE_KINDS:
     raise ValueError(f"data.example={example!r}; choose from {EXAMPLE_KINDS}")
   users = trained_users(index)
+  # Each row's epoch keys its random choices (examples.make_user_batch), so they do not
+  # depend on which process builds the row.
   ids = example_id_batches(users.size, batch_size, seed=seed, num_epochs=num_epochs,
-                           process_index=process_index, process_count=process_count)
+                           process_index=process_index, process_count=process_count,
+                           with_epochs=True)
   return ids.map(UserBatchFn(dataset, index, users, history_len=history_len, log_q=log_q,
                              batch_size=batch_size, kind=example, target_share=target_share,
                              seed=seed))
