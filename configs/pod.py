@@ -85,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = switches["batch"] or batch
   config.mesh.fsdp = switches["chips_per_replica"] or chips
   config.mesh.data = -1
+  # Evaluation splits the catalogue's item table over each replica's chips (per-shard top-k,
+  # merged exactly) and the users over the replicas: no device holds the whole table.
+  config.eval_item_axes = ("fsdp",)
   if size == "pod":
     config.num_steps = 100_000
     config.optimizer.learning_rate = 1e-3

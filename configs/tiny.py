@@ -101,6 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint_every = 200
   config.keep_checkpoints = 2
   config.eval_block_size = 256
+  config.eval_item_axes = ()           # () keeps the item table whole on each device in eval
   config.eval_split = "test"          # "valid" while tuning: test numbers are for reporting only
   # Full ranking on valid every `every` steps (0: never); the best state is kept and returned,
   # and training stops after `patience` evaluations without a better `metric` (0: never).

@@ -63,6 +63,13 @@ def _axis(value: Any) -> str | None:
   return None
 
 
+def _mesh_axes(value: Any) -> str | None:
+  if not isinstance(value, (tuple, list)) or any(a not in ("data", "fsdp") for a in value) or (
+      len(set(value)) != len(value)):
+    return f"must be a tuple of distinct mesh axes from ('data', 'fsdp'), got {value!r}"
+  return None
+
+
 def _anything(value: Any) -> None:
   del value
   return None
@@ -106,6 +113,9 @@ SCHEMA: dict[str, Any] = {
     "checkpoint_every": _int(1),
     "keep_checkpoints": _int(1),
     "eval_block_size": _int(1),
+    # Mesh axes the evaluation splits the item table over (per-shard top-k, merged); () keeps
+    # it whole on every device and splits only the users.
+    "eval_item_axes": _mesh_axes,
     "eval_split": _choice("valid", "test"),
     "validation": {"every": _int(0), "patience": _int(0),
                    "metric": _choice("NDCG@10", "HR@10", "Recall@10", "MRR@10")},

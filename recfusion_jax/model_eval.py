@@ -74,7 +74,7 @@ def make_validator(dataset: RecDataset, config: ml_collections.ConfigDict, graph
     ranker = model_ranker(model, dataset, history_len=config.model.user.history_len,
                           chunk=config.eval_block_size)
     return rank_split(ranker, dataset, dataset.valid, block_size=config.eval_block_size,
-                      mesh=mesh)
+                      mesh=mesh, item_axes=config.get("eval_item_axes", ()))
 
   return validate
 
@@ -103,5 +103,6 @@ def evaluate_model(model: RecFusion, dataset: RecDataset, config: ml_collections
       continue
     for key, scorer in ((name, ranker), (name + "_random", random)):
       out[key] = rank_split(scorer, dataset, part, candidate_items=candidates,
-                            block_size=config.eval_block_size, mesh=mesh)
+                            block_size=config.eval_block_size, mesh=mesh,
+                            item_axes=config.get("eval_item_axes", ()))
   return out

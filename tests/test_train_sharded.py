@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from recfusion_jax import model_eval, sharding, train
+from recfusion_jax import evaluate, model_eval, sharding, train
 from recfusion_jax.data import sources
 from recfusion_jax.recommend import inference
 from recfusion_jax.convert import checkpoint as convert_checkpoint
@@ -278,3 +278,20 @@ def test_evaluation_runs_on_the_sharded_state(monkeypatch):
   assert set(final) == set(host_final) >= {"warm", "warm_random"}
   for group, metrics in host_final.items():
     assert_equal(final[group], metrics)
+
+  # eval_item_axes=("fsdp",): the item table is split over the fsdp axis (each device ranks
+  # its quarter of the items, top-k lists merged) and the metrics stay the same.
+  placed = []
+  put = evaluate._put   # pylint: disable=protected-access
+
+  def spy_put(tree, mesh_, spec):
+    placed.append(spec)
+    return put(tree, mesh_, spec)
+
+  monkeypatch.setattr(evaluate, "_put", spy_put)
+  config.eval_item_axes = ("fsdp",)
+  assert_equal(model_eval.make_validator(dataset, config, graphdef, mesh)(state), host_valid)
+  split_final = model_eval.evaluate_model(nnx.merge(graphdef, state)[0], dataset, config, mesh)
+  for group, metrics in host_final.items():
+    assert_equal(split_final[group], metrics)
+  assert jax.sharding.PartitionSpec(("fsdp",)) in placed, placed

@@ -149,11 +149,12 @@ def _pad_width(ids: np.ndarray) -> np.ndarray:
 
 def rank_split(ranker: Ranker, dataset: RecDataset, heldout: Interactions, *, k: int = 10,
                candidate_items: np.ndarray | None = None, block_size: int = 256,
-               mesh: Any = None) -> dict[str, float]:
+               mesh: Any = None, item_axes: tuple[str, ...] = ()) -> dict[str, float]:
   """Full-ranking metrics of ``heldout`` over the users with >= 1 held-out item.
 
   Each user's known items (``dataset.known``, default ``dataset.train``) are excluded from the
-  ranking; ``mesh`` shards the user blocks (``evaluate.evaluate_full_ranking``).
+  ranking; ``mesh`` shards the user blocks, and the item table over ``item_axes``
+  (``evaluate.evaluate_full_ranking``).
   """
   users = np.unique(heldout.user)
   if users.size == 0:
@@ -162,7 +163,8 @@ def rank_split(ranker: Ranker, dataset: RecDataset, heldout: Interactions, *, k:
       ranker.score_fn, ranker.user_reps(users), ranker.item_table,
       _pad_width(examples.known_items_of(dataset, users)),
       _pad_width(examples.heldout_items_of(heldout, users, dataset.num_users)), k=k,
-      block_size=block_size, candidate_items=candidate_items, mesh=mesh)
+      block_size=block_size, candidate_items=candidate_items, mesh=mesh,
+      item_axes=tuple(item_axes) if mesh is not None else ())
 
 
 def sampled_split(ranker: Ranker, dataset: RecDataset, heldout: Interactions, *, k: int = 10,
