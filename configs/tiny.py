@@ -55,6 +55,7 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
       use_id=True, history_len=20, depth=1, num_heads=2, dropout=0.0,
       kind="transformer",        # transformer | pool (models/user.py)
       causal=False,              # next-item: position t sees items <= t (SASRec)
+      recent=0,                  # pool: learned weights over the latest K items (0: off)
       history_dropout=0.0))      # hide each history item with this probability in training
   return m
 

@@ -229,10 +229,14 @@ def test_residual_fusion_keeps_the_id_outside_the_gate():
     _model(tiny_config(**{"model.fusion": "residual", "model.item_id.use": False}))
 
 
-def test_causal_user_states_do_not_see_the_future():
-  """A causal user model's state at position t reads the history up to t only."""
-  config = tiny_config(**{"model.user.causal": True})
+@pytest.mark.parametrize("user", [{}, {"model.user.kind": "pool", "model.user.recent": 3}])
+def test_causal_user_states_do_not_see_the_future(user):
+  """A causal user model's state at position t reads the history up to t only (a Transformer,
+  or the pooled user with its recency kernel)."""
+  config = tiny_config(**{"model.user.causal": True, **user})
   model = _model(config)
+  if user:   # a recency kernel that reads something (it starts at zero)
+    model.user_encoder.recent_weights[...] = jnp.asarray([0.5, -0.3, 0.2])
   model.eval()
   batch = random_batch(config, B, NUM_USERS, NUM_ITEMS)
   batch["history_mask"][:] = True
@@ -246,8 +250,36 @@ def test_causal_user_states_do_not_see_the_future():
   # The last state is the user the evaluator ranks with.
   last = model.encode_users(*(jnp.asarray(batch[k]) for k in keys))["emb"]
   np.testing.assert_allclose(np.asarray(last), np.asarray(states)[:, -1], atol=1e-6)
-  with pytest.raises(ValueError, match="causal"):
-    _model(tiny_config(**{"model.user.causal": True, "model.user.kind": "pool"}))
+  with pytest.raises(ValueError, match="recent"):
+    _model(tiny_config(**{"model.user.recent": 2}))   # a Transformer user has no kernel
+
+
+def test_causal_pooled_user_is_the_pooled_user_of_each_prefix():
+  """State t of the causal pooled user = the (non-causal) pooled user of the window cut after
+  item t and right-aligned again, recency kernel included."""
+  from recfusion_jax.models.user import UserEncoder  # pylint: disable=import-outside-toplevel
+  kwargs = dict(num_users=5, embed_dim=8, history_len=6, depth=1, num_heads=1, use_id=False,
+                dropout=0.0, kind="pool", recent=3, normalize=False)
+  causal = UserEncoder(causal=True, rngs=nnx.Rngs(0), **kwargs)
+  causal.recent_weights[...] = jnp.asarray([0.7, -0.4, 0.25])
+  plain = UserEncoder(causal=False, rngs=nnx.Rngs(1), **kwargs)
+  nnx.update(plain, nnx.state(causal))
+  rng = np.random.default_rng(0)
+  history = jnp.asarray(rng.normal(size=(2, 6, 8)), jnp.float32)
+  mask = np.ones((2, 6), bool)
+  mask[1, :2] = False                                   # row 1: two padding slots first
+  id_emb = jnp.zeros((2, 8))
+  states = causal(id_emb, history, jnp.asarray(mask), per_position=True)
+  for t in range(6):
+    cut = np.zeros((2, 6, 8), np.float32)
+    cut[:, 5 - t:] = np.asarray(history)[:, :t + 1]
+    cut_mask = np.zeros((2, 6), bool)
+    cut_mask[:, 5 - t:] = mask[:, :t + 1]
+    want = plain(id_emb, jnp.asarray(cut), jnp.asarray(cut_mask))
+    np.testing.assert_allclose(np.asarray(states[:, t]), np.asarray(want), atol=1e-5,
+                               err_msg=f"position {t}")
+  np.testing.assert_allclose(np.asarray(causal(id_emb, history, jnp.asarray(mask))),
+                             np.asarray(states[:, -1]), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["cloze", "next"])

@@ -89,7 +89,7 @@ class RecFusion(nnx.Module):
         num_users=num_users, embed_dim=d, history_len=u.history_len, depth=u.depth,
         num_heads=u.num_heads, use_id=u.use_id, dropout=u.dropout, rngs=rngs,
         kind=u.get("kind", "transformer"), causal=u.get("causal", False), normalize=normalize,
-        history_dropout=u.get("history_dropout", 0.0))
+        history_dropout=u.get("history_dropout", 0.0), recent=u.get("recent", 0))
     if self.history_fusion == "gated":
       self.history_context = nnx.Linear(2 * d, d, rngs=rngs)
     elif self.modalities:

@@ -10,7 +10,11 @@ Two kinds (``model.user.kind``):
                state after item t (trained to predict item t + 1).
   pool         the learned default plus the ID embedding plus sum_j h_j / sqrt(n), then a
                linear map: a denoising linear autoencoder over the history. No order, no
-               attention: cheap, and on random hold-outs it generalises better.
+               attention: cheap, and on random hold-outs it generalises better. ``causal``:
+               the state after item t pools h_1..h_t (prefix sums), for next-item rows.
+               ``recent`` = K > 0 adds sum_k w_k h_{t-k} over the latest K items with learned
+               weights w (zero at init): the order a next-item protocol needs, at the cost of
+               K shifted sums instead of attention.
 
 A user with no history and no ID still gets a representation: the learned default, which
 training pushes toward "what everybody likes". ``history_dropout`` hides each history item with
@@ -34,11 +38,13 @@ class UserEncoder(nnx.Module):
   def __init__(self, *, num_users: int, embed_dim: int, history_len: int, depth: int,
                num_heads: int, use_id: bool, dropout: float, rngs: nnx.Rngs,
                kind: str = "transformer", causal: bool = False, normalize: bool = True,
-               history_dropout: float = 0.0):
+               history_dropout: float = 0.0, recent: int = 0):
     if kind not in USER_KINDS:
       raise ValueError(f"model.user.kind={kind!r}; choose from {USER_KINDS}")
-    if causal and kind != "transformer":
-      raise ValueError("model.user.causal needs model.user.kind='transformer'")
+    if recent and kind != "pool":
+      raise ValueError("model.user.recent needs model.user.kind='pool'")
+    if not 0 <= recent <= history_len:
+      raise ValueError(f"model.user.recent={recent} must be in [0, history_len={history_len}]")
     small = nnx.initializers.normal(0.02)
     self.kind, self.causal, self.normalize = kind, causal, normalize
     self.use_id = use_id
@@ -52,6 +58,7 @@ class UserEncoder(nnx.Module):
       self.trunk = Trunk(width=embed_dim, depth=depth, num_heads=num_heads,
                          mlp_dim=2 * embed_dim, pre_ln=True, ln_eps=1e-6, activation="gelu",
                          dropout=dropout, rngs=rngs)
+    self.recent_weights = nnx.Param(jnp.zeros((recent,))) if recent else None
     self.out = nnx.Linear(embed_dim, embed_dim, rngs=rngs)
 
   def id_embedding(self, user_id: jax.Array, has_id: jax.Array) -> jax.Array:
@@ -75,9 +82,26 @@ class UserEncoder(nnx.Module):
     user_token = self.default_user[...] + id_emb
     if self.kind == "pool":
       weights = history_mask.astype(history.dtype)[..., None]
-      count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
-      pooled = user_token + jnp.sum(history * weights, axis=1) * jax.lax.rsqrt(count)
-      return self._finish(self.out(pooled))
+      present = history * weights
+      if self.causal:   # every position t pools items 1..t (right-aligned: padding first)
+        count = jnp.maximum(jnp.cumsum(weights, axis=1), 1.0)
+        pooled = user_token[:, None] + jnp.cumsum(present, axis=1) * jax.lax.rsqrt(count)
+      else:
+        count = jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        pooled = user_token + jnp.sum(present, axis=1) * jax.lax.rsqrt(count)
+      if self.recent_weights is not None:
+        w = self.recent_weights[...].astype(history.dtype)
+        if self.causal:   # position t reads t, t-1, ..., t-K+1 (zeros before the window)
+          shifted = [jnp.pad(present, ((0, 0), (k, 0), (0, 0)))[:, :present.shape[1]]
+                     for k in range(w.shape[0])]
+          pooled = pooled + sum(w[k] * x for k, x in enumerate(shifted))
+        else:             # the latest K items, most recent first
+          latest = present[:, ::-1][:, :w.shape[0]]
+          pooled = pooled + jnp.einsum("k,bkd->bd", w, latest)
+      states = self.out(pooled)
+      if self.causal and not per_position:
+        states = states[:, -1]
+      return self._finish(states)
     x = jnp.concatenate([user_token[:, None], history], axis=1)
     x = x + self.position_embeddings[...][None, :x.shape[1]]
     mask = jnp.concatenate([jnp.ones_like(history_mask[:, :1]), history_mask], axis=1)
