@@ -56,7 +56,7 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def _matmul_peak(jax, devices: int, dim: int) -> dict:
+def matmul_peak(jax, devices: int, dim: int) -> dict:
   """Best float32 matmul FLOP/s over tile-like shapes, every simulated device busy at once."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
@@ -121,7 +121,7 @@ def _point(args) -> dict:
     del grads
   rss_loss = _peak_rss_bytes()
   # Measured after the loss (its buffers are free by now), under the same load.
-  peak = _matmul_peak(jax, args.devices, d)
+  peak = matmul_peak(jax, args.devices, d)
   return {"method": args.method, "batch": b, "dim": d, "devices": args.devices,
           "tile": args.tile if args.method == "tiled" else None, "loss": float(loss),
           "seconds": min(times), "all_seconds": times, "compile_seconds": compile_s,

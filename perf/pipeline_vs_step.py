@@ -55,6 +55,7 @@ from flax import nnx  # noqa: E402
 import ast  # noqa: E402
 import importlib.util  # noqa: E402
 
+from perf import contrastive_scaling  # noqa: E402  (its float32 matmul peak)
 from recfusion_jax import sharding, train  # noqa: E402
 from recfusion_jax.data import examples, pipeline, sources  # noqa: E402
 from recfusion_jax.data.types import RecDataset  # noqa: E402
@@ -101,42 +102,39 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def matmul_peak_flops(dim: int = 2048, reps: int = 3) -> float:
-  """Best float32 [dim, dim] @ [dim, dim] FLOP/s on the default device, in this process."""
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  x = jnp.ones((dim, dim), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  best = 0.0
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    best = max(best, 2 * dim ** 3 / (time.perf_counter() - t))
-  return best
+def _step_state_and_batches(dataset: RecDataset, config: ml_collections.ConfigDict, mesh,
+                            index: examples.TrainExampleIndex, log_q: np.ndarray,
+                            num_batches: int) -> tuple[Any, Any, list[Any], int]:
+  """(jitted step, state, ``num_batches`` global batches, parameter count), the step exactly
+  as train.py builds and runs it: state born sharded on ``mesh``, its step settings
+  (full-catalogue term, tiles, micro-batches) from ``train.step_settings``."""
+  tx, schedule = train.make_optimizer(config, config.num_steps)
+  graphdef, state, state_shardings = train.create_sharded_state(config, dataset, mesh, tx)
+  step_fn = train.jit_train_step(graphdef, state_shardings, mesh, schedule=schedule,
+                                 **train.step_settings(config))
+  params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0],
+                                                          nnx.Param)))
+  it = _new_iterator(dataset, config, 0, index, log_q)
+  try:
+    batches = [pipeline.make_global_batch(next(it), mesh) for _ in range(num_batches)]
+  finally:
+    it.close()
+  return step_fn, state, batches, int(params)
 
 
 def step_bound(dataset: RecDataset, config: ml_collections.ConfigDict, mesh,
                index: examples.TrainExampleIndex, log_q: np.ndarray) -> dict[str, Any]:
   """The step compiled, not run: its FLOPs (XLA cost analysis) and the examples/s of a step
   at this host's float32 matmul peak, an upper bound on what the real step consumes here."""
-  tx, schedule = train.make_optimizer(config, config.num_steps)
-  graphdef, state, state_shardings = train.create_sharded_state(config, dataset, mesh, tx)
-  step_fn = train.jit_train_step(graphdef, state_shardings, mesh, schedule=schedule,
-                                 **train.step_settings(config))
-  it = _new_iterator(dataset, config, 0, index, log_q)
-  try:
-    batch = pipeline.make_global_batch(next(it), mesh)
-  finally:
-    it.close()
+  step_fn, state, (batch,), params = _step_state_and_batches(dataset, config, mesh, index,
+                                                             log_q, 1)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost["flops"])
-  peak = matmul_peak_flops()
-  params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.merge(graphdef, state)[0],
-                                                              nnx.Param)))
+  peak = contrastive_scaling.matmul_peak(jax, 1, 2048)["flops_per_s"]
   return {"mode": "bound", "step_flops": flops, "flops_per_example": flops / config.batch_size,
           "matmul_peak_flops_per_s": peak, "compile_s": compile_s,
           "examples_per_s": peak * config.batch_size / flops, "params": int(params),
@@ -233,23 +231,9 @@ def time_step(dataset: RecDataset, config: ml_collections.ConfigDict, mesh, step
               warmup: int, index: examples.TrainExampleIndex,
               log_q: np.ndarray) -> dict[str, Any]:
   """Examples/s of the jitted train step, compile and warm-up excluded."""
-  model = train.create_model(config, dataset)
-  params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  tx, schedule = train.make_optimizer(config, config.num_steps)
-  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-  graphdef, state = nnx.split((model, optimizer))
-  state_shardings = sharding.state_shardings(state, mesh)
-  state = jax.device_put(state, state_shardings)
-  # The step exactly as train.py runs it (full-catalogue term, tiles, micro-batches included).
-  step_fn = train.jit_train_step(graphdef, state_shardings, mesh, schedule=schedule,
-                                 **train.step_settings(config))
-
   # A few distinct real batches, assembled up front: the step is timed alone.
-  it = _new_iterator(dataset, config, 0, index, log_q)
-  try:
-    batches = [pipeline.make_global_batch(next(it), mesh) for _ in range(min(4, steps))]
-  finally:
-    it.close()
+  step_fn, state, batches, params = _step_state_and_batches(dataset, config, mesh, index,
+                                                            log_q, min(4, steps))
   jax.block_until_ready(batches)
 
   t0 = time.perf_counter()
