@@ -127,9 +127,10 @@ def load_movielens(data_dir: str | os.PathLike, protocol: str, seed: int = 0, *,
                        f"{item_raw.size} in item_map.tsv")
     item_records = records.ItemRecords(epath.Path(data_dir) / manifest["items_tfds"],
                                        record_index)
-    arrays = {f"has_{m}": records.presence_of(record_index)[:, k]
-              for k, m in enumerate(types.MODALITIES) if m != "video" or "video" in
-              item_records.keys}
+    # Presence from the index, as load_catalogue_arrays gives it (has_video only with videos).
+    presence_columns = records.presence_of(record_index)
+    arrays = {f"has_{m}": presence_columns[:, k] for k, m in enumerate(types.MODALITIES)
+              if m != "video" or "video" in item_records.keys}
   else:
     item_records = None
     arrays = load_catalogue_arrays(data_dir)

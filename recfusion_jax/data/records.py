@@ -94,20 +94,28 @@ class ItemRecords:
 
   def __init__(self, items_dir: str | os.PathLike, record_index: np.ndarray,
                text_len: int | None = None):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow import)
     self.items_dir = os.fspath(items_dir)
-    self.record_of = np.ascontiguousarray(record_index[:, 1])
-    self.max_token = int(record_index[:, 5].max(initial=0))
+    self.record_of = np.ascontiguousarray(record_index[:, _column("record")])
+    self.max_token = int(record_index[:, _column("max_token")].max(initial=0))
     self.text_len = text_len
-    self.shapes, self.keys = self._row_shapes()
+    features = tfds.builder_from_directory(self.items_dir).info.features
+    # One item's shape per content key as stored (texts before ``text_len`` is applied).
+    self.stored_shapes = {key: tuple(features[key].shape) for key in CONTENT_KEYS
+                          if key in features}
     self._local = threading.local()
 
-  def _row_shapes(self) -> tuple[dict[str, tuple[int, ...]], tuple[str, ...]]:
-    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    features = tfds.builder_from_directory(self.items_dir).info.features
-    shapes = {key: tuple(features[key].shape) for key in CONTENT_KEYS if key in features}
+  @property
+  def keys(self) -> tuple[str, ...]:
+    return tuple(self.stored_shapes)
+
+  @property
+  def shapes(self) -> dict[str, tuple[int, ...]]:
+    """One item's shape per content key as ``read`` returns it (texts cut to ``text_len``)."""
+    shapes = dict(self.stored_shapes)
     if self.text_len and "text_ids" in shapes and shapes["text_ids"][0] > self.text_len:
       shapes["text_ids"] = shapes["text_mask"] = (self.text_len,)
-    return shapes, tuple(shapes)
+    return shapes
 
   def __getstate__(self) -> dict[str, Any]:
     state = dict(self.__dict__)
@@ -122,7 +130,6 @@ class ItemRecords:
     """The same records with texts cut to ``text_len`` tokens (``sources.truncate_text``)."""
     out = ItemRecords.__new__(ItemRecords)
     out.__setstate__({**self.__getstate__(), "text_len": text_len})
-    out.shapes, out.keys = out._row_shapes()
     return out
 
   @property
@@ -150,21 +157,23 @@ class ItemRecords:
       raise ValueError(f"{self.items_dir}: records hold items {got[got != unique][:5].tolist()} "
                        f"where {unique[got != unique][:5].tolist()} were expected: "
                        f"{INDEX_FILE} does not belong to these records")
-    repeated = unique.size != flat.size
+    # Ids sorted and distinct (a catalogue chunk): the rows are already in order.
+    in_order = np.array_equal(unique, flat)
     out = {}
-    for key in self.keys:
-      rows = np.empty((unique.size, *self.shapes[key]), _DTYPES[key])
+    for key, shape in self.shapes.items():
+      rows = np.empty((unique.size, *shape), _DTYPES[key])
       for j, record in enumerate(records):
         value = record[key]
-        rows[j] = value[:self.shapes[key][0]] if key in ("text_ids", "text_mask") else value
-      # Ids sorted and distinct (a catalogue chunk): the rows are already in order.
-      if repeated or not np.array_equal(unique, flat):
-        rows = rows[inverse]
-      out[key] = rows.reshape(*item_ids.shape, *self.shapes[key])
+        rows[j] = value[:shape[0]] if key in ("text_ids", "text_mask") else value
+      out[key] = (rows if in_order else rows[inverse]).reshape(*item_ids.shape, *shape)
     return out
+
+
+def _column(name: str) -> int:
+  return _INDEX_COLUMNS.index(name)
 
 
 def presence_of(record_index: np.ndarray) -> np.ndarray:
   """[N, len(MODALITIES)] bool presence from the record index."""
-  columns = {"text": 2, "image": 3, "video": 4}
-  return np.stack([record_index[:, columns[m]].astype(bool) for m in MODALITIES], axis=1)
+  return np.stack([record_index[:, _column(f"has_{m}")].astype(bool) for m in MODALITIES],
+                  axis=1)

@@ -42,7 +42,7 @@ def check_content_shapes(dataset: RecDataset, model: ml_collections.ConfigDict,
   wanted = [m for m in model.modalities if e[m].get("stem") != "features"]
   # One item's shape per content key, from the arrays or (streaming) the records' features.
   if cat.records is not None:
-    shapes, top = dict(cat.records.shapes), cat.records.max_token
+    shapes, top = cat.records.shapes, cat.records.max_token
   else:
     shapes = {key: getattr(cat, key).shape[1:] for key in ("text_ids", "image", "video")
               if getattr(cat, key) is not None}
