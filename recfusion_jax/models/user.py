@@ -83,7 +83,9 @@ class UserEncoder(nnx.Module):
     if self.kind == "pool":
       weights = history_mask.astype(history.dtype)[..., None]
       present = history * weights
-      if self.causal:   # every position t pools items 1..t (right-aligned: padding first)
+      # Right-aligned windows: the last causal state is the pool of the whole window, so only
+      # per-position states need the prefix form.
+      if per_position:   # every position t pools items 1..t (padding comes first)
         count = jnp.maximum(jnp.cumsum(weights, axis=1), 1.0)
         pooled = user_token[:, None] + jnp.cumsum(present, axis=1) * jax.lax.rsqrt(count)
       else:
@@ -91,17 +93,14 @@ class UserEncoder(nnx.Module):
         pooled = user_token + jnp.sum(present, axis=1) * jax.lax.rsqrt(count)
       if self.recent_weights is not None:
         w = self.recent_weights[...].astype(history.dtype)
-        if self.causal:   # position t reads t, t-1, ..., t-K+1 (zeros before the window)
+        if per_position:   # position t reads t, t-1, ..., t-K+1 (zeros before the window)
           shifted = [jnp.pad(present, ((0, 0), (k, 0), (0, 0)))[:, :present.shape[1]]
                      for k in range(w.shape[0])]
           pooled = pooled + sum(w[k] * x for k, x in enumerate(shifted))
-        else:             # the latest K items, most recent first
+        else:              # the latest K items, most recent first
           latest = present[:, ::-1][:, :w.shape[0]]
           pooled = pooled + jnp.einsum("k,bkd->bd", w, latest)
-      states = self.out(pooled)
-      if self.causal and not per_position:
-        states = states[:, -1]
-      return self._finish(states)
+      return self._finish(self.out(pooled))
     x = jnp.concatenate([user_token[:, None], history], axis=1)
     x = x + self.position_embeddings[...][None, :x.shape[1]]
     mask = jnp.concatenate([jnp.ones_like(history_mask[:, :1]), history_mask], axis=1)
