@@ -58,6 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.pre_ln, e.ln_eps, e.activation = False, 1e-12, "gelu"   # BERT layout
     e.text.max_len = 512
     config.init_from = "data_out/minilm"
+    # 99% of this step's FLOPs are the content encoder's matmuls; in bf16 (float32 parameters
+    # and optimizer state) they take AMX/tensor-core kernels (perf/step_speed.py measures
+    # the step, docs/TUNING.md §7). size=small stays float32: its step is
+    # memory-bound and its accuracy numbers were measured in float32.
+    e.compute_dtype = "bfloat16"
     config.optimizer.learning_rate = 5e-4
   elif size == "small":
     e = m.encoder

@@ -69,6 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     m.embed_dim, m.gate_dim, m.gate_hidden = 256, 64, 256
     e.width, e.depth, e.num_heads, e.mlp_dim = 768, 12, 12, 3072
     e.dropout = 0.1
+    # bf16 activations and matmuls, float32 parameters and optimizer state: the accelerators'
+    # native matmul type (docs/TUNING.md §7 measures it on an AMX CPU).
+    e.compute_dtype = "bfloat16"
     e.text.max_len = 512
     e.image.patch = e.video.patch = 16
     m.user.history_len, m.user.depth, m.user.num_heads = 100, 4, 4

@@ -102,7 +102,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def _step_state_and_batches(dataset: RecDataset, config: ml_collections.ConfigDict, mesh,
+def step_state_and_batches(dataset: RecDataset, config: ml_collections.ConfigDict, mesh,
                             index: examples.TrainExampleIndex, log_q: np.ndarray,
                             num_batches: int) -> tuple[Any, Any, list[Any], int]:
   """(jitted step, state, ``num_batches`` global batches, parameter count), the step exactly
@@ -126,7 +126,7 @@ def step_bound(dataset: RecDataset, config: ml_collections.ConfigDict, mesh,
                index: examples.TrainExampleIndex, log_q: np.ndarray) -> dict[str, Any]:
   """The step compiled, not run: its FLOPs (XLA cost analysis) and the examples/s of a step
   at this host's float32 matmul peak, an upper bound on what the real step consumes here."""
-  step_fn, state, (batch,), params = _step_state_and_batches(dataset, config, mesh, index,
+  step_fn, state, (batch,), params = step_state_and_batches(dataset, config, mesh, index,
                                                              log_q, 1)
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
@@ -169,7 +169,7 @@ def load_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDic
   return config
 
 
-def _machine() -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
   affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   return {"platform": platform.platform(), "python": platform.python_version(),
           "cpu_count": os.cpu_count(), "cpus_usable": affinity,
@@ -232,10 +232,16 @@ def time_step(dataset: RecDataset, config: ml_collections.ConfigDict, mesh, step
               log_q: np.ndarray) -> dict[str, Any]:
   """Examples/s of the jitted train step, compile and warm-up excluded."""
   # A few distinct real batches, assembled up front: the step is timed alone.
-  step_fn, state, batches, params = _step_state_and_batches(dataset, config, mesh, index,
+  step_fn, state, batches, params = step_state_and_batches(dataset, config, mesh, index,
                                                             log_q, min(4, steps))
-  jax.block_until_ready(batches)
+  return {**time_step_with(step_fn, state, batches, config.batch_size, steps, warmup),
+          "params": int(params)}
 
+
+def time_step_with(step_fn, state, batches: list[Any], batch_size: int, steps: int,
+                   warmup: int) -> dict[str, Any]:
+  """Times ``steps`` calls of a built step on ``batches`` (cycled), compile excluded."""
+  jax.block_until_ready(batches)
   t0 = time.perf_counter()
   state, metrics = step_fn(state, batches[0])
   jax.block_until_ready((state, metrics))
@@ -253,11 +259,11 @@ def time_step(dataset: RecDataset, config: ml_collections.ConfigDict, mesh, step
   total = float(sum(times))
   loss = float(jax.device_get(metrics["total_loss"]))
   return {"steps": steps, "warmup_steps": warmup, "seconds": total,
-          "examples_per_s": steps * config.batch_size / total,
+          "examples_per_s": steps * batch_size / total,
           "s_per_step_mean": total / steps, "s_per_step_median": float(np.median(times)),
           "s_per_step_min": min(times), "s_per_step_all": times,
           "compile_and_first_step_s": compile_s, "process_cpu_seconds": cpu,
-          "params": int(params), "last_total_loss": loss}
+          "last_total_loss": loss}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -286,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   content = ("read record by record from ArrayRecord per batch (data.streaming)" if streaming
              else "gathered from the in-memory catalogue (decoded at build time)")
 
-  machine = _machine()
+  machine = machine_info()
   print("command:", " ".join([sys.executable] + sys.argv))
   print(f"machine: {machine['cpu_count']} CPUs ({machine['cpus_usable']} usable), "
         f"load avg {machine['load_avg_1_5_15']}, jax {machine['jax']} "

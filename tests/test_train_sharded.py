@@ -77,6 +77,20 @@ def test_sharded_step_matches_single_device(fsdp, full_catalogue):
   assert assert_states_close(state8, state1, check=within_tolerance_of_scale).floats > 50
 
 
+def test_bf16_sharded_step_follows_single_device():
+  """bf16 compute (the trunk's custom-VJP matmul, ``transformer.dense_bf16``) under the fsdp
+  mesh: the weight-gradient matmul contracts the sharded batch axis; the losses must follow
+  the one-device bf16 run (bf16 rounding, so a looser tolerance than float32's)."""
+  config = tiny_config(**{"optimizer.warmup_steps": 1,
+                          "model.encoder.compute_dtype": "bfloat16"})
+  mesh8 = sharding.make_mesh(data=4, fsdp=2)
+  mesh1 = sharding.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+  _, losses8, _ = _run(config, mesh8, steps=3)
+  _, losses1, _ = _run(config, mesh1, steps=3)
+  assert np.all(np.isfinite(losses8))
+  np.testing.assert_allclose(losses8, losses1, rtol=2e-2)
+
+
 FSDP = 4
 
 

@@ -142,3 +142,42 @@ def test_encoder_config_switches_reach_the_trunk():
   want, _ = encode(plain, batch)
   assert emb.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(emb), np.asarray(want), atol=_BF16_ATOL)
+
+
+def test_bf16_dense_matches_autodiff_and_accumulates_in_float32():
+  """``dense_bf16`` (the trunk's bf16 Linear matmul, a custom VJP for XLA:CPU's AMX path)
+  against autodiff of the same product computed in float32 from the bf16 operands."""
+  from recfusion_jax.models.transformer import dense_bf16  # pylint: disable=import-outside-toplevel
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (3, 5, 64)).astype(jnp.bfloat16)
+  w = (jax.random.normal(kw, (64, 48)) / 8).astype(jnp.bfloat16)
+  probe = jax.random.normal(kg, (3, 5, 48))
+
+  def reference(x, w):  # the exact product of the bf16 values, rounded once at the end
+    return (x.astype(jnp.float32) @ w.astype(jnp.float32)).astype(jnp.bfloat16)
+
+  out, vjp = jax.vjp(dense_bf16, x, w)
+  want, want_vjp = jax.vjp(reference, x, w)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(want, np.float32))
+  cotangent = probe.astype(jnp.bfloat16)
+  for got, expected in zip(vjp(cotangent), want_vjp(cotangent)):
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(expected, np.float32),
+                               rtol=1e-2, atol=1e-2)
+  # Every matmul of the forward and backward pass takes bf16 operands to a float32 result.
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(dense_bf16(x, w).astype(jnp.float32)
+                                                       * probe), argnums=(0, 1)))(x, w)
+  dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert len(dots) == 3
+  for e in dots:
+    assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16, jnp.bfloat16]
+    assert e.outvars[0].aval.dtype == jnp.float32
+
+
+def test_bf16_trunk_linears_take_the_float32_accumulating_matmul():
+  trunk = _trunk(compute_dtype="bfloat16")
+  x, mask = _inputs()
+  jaxpr = jax.make_jaxpr(lambda x: trunk(x, mask))(x)
+  # 6 Linear layers a block (q, k, v, out, mlp_in, mlp_out) x 2 blocks.
+  assert str(jaxpr).count("custom_vjp_call") == 12

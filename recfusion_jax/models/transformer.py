@@ -41,6 +41,63 @@ def resolve_dtype(name: str):
   return COMPUTE_DTYPES[name]
 
 
+def _dense_f32_accumulate(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+# Why by hand: XLA:CPU sends a bf16 x bf16 -> bf16 matmul to a slow generic loop, and bf16
+# inputs with a float32 result to oneDNN's AMX kernels (~3.5x the float32 peak on this CPU,
+# perf/step_speed.py). ``preferred_element_type`` alone does not reach the backward pass: the
+# cotangent arriving through the cast back to bf16 is float32, so the input-gradient matmul
+# would run in float32. The VJP below keeps both of its operands bf16 and accumulates in f32.
+@jax.custom_vjp
+def dense_bf16(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """``x @ kernel`` over x's last axis for bf16 operands, float32 accumulation, bf16 result."""
+  return _dense_f32_accumulate(x, kernel)
+
+
+def _dense_bf16_fwd(x, kernel):
+  return _dense_f32_accumulate(x, kernel), (x, kernel)
+
+
+def _dense_bf16_bwd(residuals, g):
+  x, kernel = residuals
+  g = g.astype(x.dtype)
+  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32).astype(x.dtype)
+  lead = tuple(range(x.ndim - 1))
+  dkernel = jax.lax.dot_general(x, g, ((lead, lead), ((), ())),
+                                preferred_element_type=jnp.float32).astype(kernel.dtype)
+  return dx, dkernel
+
+
+dense_bf16.defvjp(_dense_bf16_fwd, _dense_bf16_bwd)
+
+
+def amx_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                    out_sharding=None):
+  """``nnx.Linear``'s ``dot_general`` in bf16 compute: ``dense_bf16`` for its one contraction
+  (lhs's last axis with the kernel's first), ``lax.dot_general`` for anything else."""
+  (lhs_contract, rhs_contract), batch = dimension_numbers
+  plain = (lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and rhs.ndim == 2
+           and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+           and batch == ((), ()) and preferred_element_type is None and out_sharding is None)
+  if plain:
+    return dense_bf16(lhs, rhs)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type,
+                             out_sharding=out_sharding)
+
+
+def linear(in_features: int, out_features: int, *, dtype, rngs: nnx.Rngs,
+           **kwargs) -> nnx.Linear:
+  """``nnx.Linear`` whose bf16 matmuls take ``dense_bf16`` (float32 parameters either way)."""
+  if dtype == jnp.bfloat16:
+    kwargs["dot_general"] = amx_dot_general
+  return nnx.Linear(in_features, out_features, dtype=dtype, rngs=rngs, **kwargs)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with [width, width] projections (the HF layout)."""
 
@@ -56,14 +113,14 @@ class Attention(nnx.Module):
     self.num_heads = num_heads
     self.implementation = implementation
     self.dtype = dtype
-    linear = lambda **kw: nnx.Linear(width, width, dtype=dtype, rngs=rngs, **kw)
-    self.query = linear()
+    projection = lambda **kw: linear(width, width, dtype=dtype, rngs=rngs, **kw)
+    self.query = projection()
     # No key bias: q.(k + b) = q.k + q.b shifts every logit of a query equally, and softmax
     # ignores that, so the bias has no effect and no gradient (pretrained key biases are
     # dropped on import with no change in outputs).
-    self.key = linear(use_bias=False)
-    self.value = linear()
-    self.out = linear()
+    self.key = projection(use_bias=False)
+    self.value = projection()
+    self.out = projection()
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array, causal: bool = False) -> jax.Array:
@@ -101,8 +158,8 @@ class Block(nnx.Module):
                                rngs=rngs)
     # LayerNorm statistics are float32 whatever ``dtype`` (flax promotes them).
     self.attention_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
-    self.mlp_in = nnx.Linear(width, mlp_dim, dtype=dtype, rngs=rngs)
-    self.mlp_out = nnx.Linear(mlp_dim, width, dtype=dtype, rngs=rngs)
+    self.mlp_in = linear(width, mlp_dim, dtype=dtype, rngs=rngs)
+    self.mlp_out = linear(mlp_dim, width, dtype=dtype, rngs=rngs)
     self.mlp_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
 
