@@ -75,15 +75,51 @@ def merge_micro(x: jax.Array, shards: int = 1) -> jax.Array:
   return jnp.swapaxes(x, 0, 1).reshape((num * mb,) + rest)
 
 
-def _encode(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State,
-            content: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, nnx.State]:
-  """One micro-batch through the encoder: (emb, presence, its non-parameter state after)."""
-  # Fresh Variables: pass 2 merges a scan carry inside jax.vjp, a deeper trace than the one
-  # that made the carry's Variables, and nnx refuses to mutate (advance an RNG count of)
-  # a Variable from another trace.
-  encoder = nnx.merge(graphdef, params, other, copy=True)
-  emb, presence = encoder(content)
-  return emb, presence, nnx.split(encoder, nnx.Param, ...)[2]
+# A tower is ``(params, state, micro) -> (out, state after)``: the content encoder or the user
+# tower on one micro-batch, ``state`` its non-parameter Variables (RNG streams). Both passes
+# below scan a tower over the micro-batches, threading ``state``.
+
+
+def _scan_forward(tower, params: nnx.State, state: nnx.State, xs: Any, num: int,
+                  shards: int) -> tuple[Any, nnx.State]:
+  """Pass 1: (the tower's outputs over the whole batch, its state after the last micro-batch)."""
+  def body(state, micro):
+    out, state = tower(params, state, micro)
+    return state, out
+
+  state, out = jax.lax.scan(body, state, jax.tree.map(lambda v: split_micro(v, num, shards), xs))
+  return jax.tree.map(lambda x: merge_micro(x, shards), out), state
+
+
+def _scan_vjp(tower, params: nnx.State, state: nnx.State, xs: Any, out_grad: Any, num: int,
+              shards: int) -> nnx.State:
+  """Pass 2: sum over micro-batches of (d out_i / d params)^T out_grad_i. ``state`` must be
+  the one pass 1 started from: each micro-batch then draws the dropout masks it drew there."""
+  split = lambda tree: jax.tree.map(lambda v: split_micro(v, num, shards), tree)
+
+  def body(carry, x):
+    total, state = carry
+    micro, grad_out = x
+    out, pullback, state = jax.vjp(lambda p: tower(p, state, micro), params, has_aux=True)
+    (grad,) = pullback(jax.tree.map(lambda g, o: g.astype(o.dtype), grad_out, out))
+    return (jax.tree.map(jnp.add, total, grad), state), None
+
+  (total, _), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), state),
+                               (split(xs), split(out_grad)))
+  return total
+
+
+def _encoder_tower(graphdef: nnx.GraphDef, with_presence: bool = True):
+  """The content encoder as a tower: out = (emb, presence), or emb alone (for pass 2)."""
+  def tower(params, state, content):
+    # Fresh Variables: pass 2 merges a scan carry inside jax.vjp, a deeper trace than the one
+    # that made the carry's Variables, and nnx refuses to mutate (advance an RNG count of)
+    # a Variable from another trace.
+    encoder = nnx.merge(graphdef, params, state, copy=True)
+    emb, presence = encoder(content)
+    after = nnx.split(encoder, nnx.Param, ...)[2]
+    return ((emb, presence) if with_presence else emb), after
+  return tower
 
 
 def encode_micro_batches(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State,
@@ -93,41 +129,17 @@ def encode_micro_batches(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.S
 
   Differentiable too (the tests take its gradient directly, as a reference for pass 2).
   """
-  xs = {k: split_micro(v, num, shards) for k, v in content.items()}
-
-  def body(state, micro):
-    emb, presence, state = _encode(graphdef, params, state, micro)
-    return state, (emb, presence)
-
-  other, (emb, presence) = jax.lax.scan(body, other, xs)
-  return merge_micro(emb, shards), merge_micro(presence, shards), other
+  (emb, presence), other = _scan_forward(_encoder_tower(graphdef), params, other, content, num,
+                                         shards)
+  return emb, presence, other
 
 
 def encoder_grads(graphdef: nnx.GraphDef, params: nnx.State, other: nnx.State,
                   content: Mapping[str, jax.Array], emb_grad: jax.Array, num: int,
                   shards: int = 1) -> nnx.State:
-  """Pass 2: sum over micro-batches of (d emb_i / d params)^T (d loss / d emb_i).
-
-  ``other`` must be the state pass 1 started from: each micro-batch then draws the same
-  dropout masks as it did there.
-  """
-  xs = ({k: split_micro(v, num, shards) for k, v in content.items()},
-        split_micro(emb_grad, num, shards))
-
-  def body(carry, x):
-    total, state = carry
-    micro, grad_out = x
-
-    def forward(p):
-      emb, _, after = _encode(graphdef, p, state, micro)
-      return emb, after
-
-    emb, pullback, state = jax.vjp(forward, params, has_aux=True)
-    (grad,) = pullback(grad_out.astype(emb.dtype))
-    return (jax.tree.map(jnp.add, total, grad), state), None
-
-  (total, _), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), other), xs)
-  return total
+  """Pass 2 of the encoder; ``other`` as pass 1 started from it."""
+  return _scan_vjp(_encoder_tower(graphdef, with_presence=False), params, other, content,
+                   emb_grad, num, shards)
 
 
 # The user tower: every parameter outside the content encoder (what ``encode_users`` reads
@@ -136,13 +148,13 @@ _USER_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("encoder")))
 USER_KEYS = ("user_id", "user_has_id", "history", "history_mask")
 
 
-def _encode_users(graphdef: nnx.GraphDef, params: nnx.State, rng: nnx.State, rest: nnx.State,
-                  inputs: Mapping[str, jax.Array], per_position: bool
-                  ) -> tuple[dict[str, Any], nnx.State]:
-  """One micro-batch through ``encode_users``: (users, the model's RNG state after)."""
-  model = nnx.merge(graphdef, params, rng, rest, copy=True)  # fresh Variables, as in _encode
-  users = model.encode_users(*(inputs[k] for k in USER_KEYS), per_position=per_position)
-  return users, nnx.state(model, nnx.RngState)
+def _user_tower(graphdef: nnx.GraphDef, rest: nnx.State, per_position: bool):
+  """``encode_users`` as a tower whose state is the model's RNG streams."""
+  def tower(params, rng, inputs):
+    model = nnx.merge(graphdef, params, rng, rest, copy=True)  # fresh Variables, as above
+    users = model.encode_users(*(inputs[k] for k in USER_KEYS), per_position=per_position)
+    return users, nnx.state(model, nnx.RngState)
+  return tower
 
 
 def encode_users_micro_batches(graphdef: nnx.GraphDef, params: nnx.State, rng: nnx.State,
@@ -150,37 +162,16 @@ def encode_users_micro_batches(graphdef: nnx.GraphDef, params: nnx.State, rng: n
                                shards: int = 1, per_position: bool = False
                                ) -> tuple[dict[str, Any], nnx.State]:
   """User pass 1: (``encode_users`` of the batch, the RNG state after the last micro-batch)."""
-  xs = {k: split_micro(inputs[k], num, shards) for k in USER_KEYS}
-
-  def body(state, micro):
-    users, state = _encode_users(graphdef, params, state, rest, micro, per_position)
-    return state, users
-
-  rng, users = jax.lax.scan(body, rng, xs)
-  return jax.tree.map(lambda x: merge_micro(x, shards), users), rng
+  return _scan_forward(_user_tower(graphdef, rest, per_position), params, rng,
+                       {k: inputs[k] for k in USER_KEYS}, num, shards)
 
 
 def user_grads(graphdef: nnx.GraphDef, params: nnx.State, rng: nnx.State, rest: nnx.State,
                inputs: Mapping[str, jax.Array], users_grad: Mapping[str, Any], num: int,
                shards: int = 1, per_position: bool = False) -> nnx.State:
-  """User pass 2: sum over micro-batches of (d users_i / d params)^T (d loss / d users_i);
-  ``rng`` must be the state user pass 1 started from."""
-  xs = ({k: split_micro(inputs[k], num, shards) for k in USER_KEYS},
-        jax.tree.map(lambda g: split_micro(g, num, shards), users_grad))
-
-  def body(carry, x):
-    total, state = carry
-    micro, grad_out = x
-
-    def forward(p):
-      return _encode_users(graphdef, p, state, rest, micro, per_position)
-
-    users, pullback, state = jax.vjp(forward, params, has_aux=True)
-    (grad,) = pullback(jax.tree.map(lambda g, u: g.astype(u.dtype), grad_out, users))
-    return (jax.tree.map(jnp.add, total, grad), state), None
-
-  (total, _), _ = jax.lax.scan(body, (jax.tree.map(jnp.zeros_like, params), rng), xs)
-  return total
+  """User pass 2; ``rng`` as user pass 1 started from it."""
+  return _scan_vjp(_user_tower(graphdef, rest, per_position), params, rng,
+                   {k: inputs[k] for k in USER_KEYS}, users_grad, num, shards)
 
 
 def loss_and_grads(model: Any, batch: Mapping[str, jax.Array], loss_fn: LossFn, *,
