@@ -56,17 +56,20 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def matmul_peak(jax, devices: int, dim: int) -> dict:
-  """Best float32 matmul FLOP/s over tile-like shapes, every simulated device busy at once."""
+def matmul_peak(jax, devices: int, dim: int, dtype: str = "float32") -> dict:
+  """Best matmul FLOP/s over tile-like shapes, every simulated device busy at once; operands
+  in ``dtype``, accumulated and returned in float32 (for bf16 the form that reaches a CPU's
+  AMX kernels, as ``models.transformer.dense_bf16`` does)."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
   mesh = jax.make_mesh((devices,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
   split = NamedSharding(mesh, P("d"))
-  f = jax.jit(lambda x, y: jnp.einsum("nmk,nkl->nml", x, y), out_shardings=split)
+  f = jax.jit(lambda x, y: jnp.einsum("nmk,nkl->nml", x, y,
+                                      preferred_element_type=jnp.float32), out_shardings=split)
   best = {"flops_per_s": 0.0}
   for m in (1024, 2048):
-    x = jax.device_put(jnp.ones((devices, m, dim), jnp.float32), split)
-    y = jax.device_put(jnp.ones((devices, dim, m), jnp.float32), split)
+    x = jax.device_put(jnp.ones((devices, m, dim), dtype), split)
+    y = jax.device_put(jnp.ones((devices, dim, m), dtype), split)
     f(x, y).block_until_ready()
     for _ in range(3):
       start = time.perf_counter()

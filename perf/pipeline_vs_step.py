@@ -131,14 +131,19 @@ def step_bound(dataset: RecDataset, config: ml_collections.ConfigDict, mesh,
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost["flops"])
+  flops = compiled_flops(compiled)
   peak = contrastive_scaling.matmul_peak(jax, 1, 2048)["flops_per_s"]
   return {"mode": "bound", "step_flops": flops, "flops_per_example": flops / config.batch_size,
           "matmul_peak_flops_per_s": peak, "compile_s": compile_s,
           "examples_per_s": peak * config.batch_size / flops, "params": int(params),
           "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes)}
+
+
+def compiled_flops(compiled) -> float:
+  """FLOPs of one call of a compiled computation (XLA's cost analysis)."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
 
 
 def load_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from recfusion_jax.models.encoder import ContentEncoder
-from recfusion_jax.models.transformer import Trunk
+from recfusion_jax.models.transformer import Trunk, dense_bf16
 
 from helpers import random_batch, tiny_config
 
@@ -147,7 +147,6 @@ def test_encoder_config_switches_reach_the_trunk():
 def test_bf16_dense_matches_autodiff_and_accumulates_in_float32():
   """``dense_bf16`` (the trunk's bf16 Linear matmul, a custom VJP for XLA:CPU's AMX path)
   against autodiff of the same product computed in float32 from the bf16 operands."""
-  from recfusion_jax.models.transformer import dense_bf16  # pylint: disable=import-outside-toplevel
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, (3, 5, 64)).astype(jnp.bfloat16)
   w = (jax.random.normal(kw, (64, 48)) / 8).astype(jnp.bfloat16)

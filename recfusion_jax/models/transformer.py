@@ -80,10 +80,10 @@ def amx_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
   """``nnx.Linear``'s ``dot_general`` in bf16 compute: ``dense_bf16`` for its one contraction
   (lhs's last axis with the kernel's first), ``lax.dot_general`` for anything else."""
   (lhs_contract, rhs_contract), batch = dimension_numbers
-  plain = (lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and rhs.ndim == 2
+  is_linear_bf16 = (lhs.dtype == jnp.bfloat16 and rhs.dtype == jnp.bfloat16 and rhs.ndim == 2
            and tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
            and batch == ((), ()) and preferred_element_type is None and out_sharding is None)
-  if plain:
+  if is_linear_bf16:
     return dense_bf16(lhs, rhs)
   return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                              preferred_element_type=preferred_element_type,
