@@ -55,6 +55,7 @@ from recfusion_jax import (checkpointing, config_validation, gradcache, losses, 
                            sharding, tiled_losses, writers)
 from recfusion_jax.data import examples, pipeline, sources
 from recfusion_jax.data.types import RecDataset
+from recfusion_jax.models import item_item
 from recfusion_jax.models.recfusion import RecFusion, source_names
 
 
@@ -77,6 +78,7 @@ def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecF
   ``create_sharded_state``, which never holds it whole on one device."""
   model = _init_model(config, dataset)
   _load_init_from(model, config)
+  fill_item_item_prior(model, dataset, config)
   return model
 
 
@@ -91,6 +93,23 @@ def _load_init_from(model: RecFusion, config: ml_collections.ConfigDict) -> None
     from recfusion_jax.convert import load_pretrained_encoder  # pylint: disable=import-outside-toplevel
     report = load_pretrained_encoder(model.encoder, config.init_from)
     logging.info("initialised the encoder from %s: %s", config.init_from, report)
+
+
+def fill_item_item_prior(model: RecFusion, dataset: RecDataset,
+                         config: ml_collections.ConfigDict) -> None:
+  """``model.item_item="ease"``: EASE's weights on ``dataset.train`` and their starting scale
+  (``models.item_item``), each placed on its variable's sharding; otherwise nothing."""
+  if model.item_item_mode != "ease":
+    return
+  weights, scale = item_item.ease_prior(dataset, float(config.model.item_item_reg))
+  logging.info("item-item prior: EASE (reg %g) on %d training pairs, starting scale %g",
+               config.model.item_item_reg, len(dataset.train.user), scale)
+  for variable, value in ((model.item_item, weights), (model.item_item_scale, scale)):
+    old = variable[...]
+    value = np.asarray(value, np.float32)
+    placed = isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer)
+    # Under nnx.eval_shape (restoring) the values only need their shapes.
+    variable[...] = (sharding.put_global(value, old.sharding) if placed else jnp.asarray(value))
 
 
 def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset, mesh: Any,
@@ -115,11 +134,12 @@ def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset,
   graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
   state_shardings = sharding.state_shardings(abstract_state, mesh, min_elements)
   state = jax.jit(lambda: nnx.split(build())[1], out_shardings=state_shardings)()
-  if config.get("init_from"):
+  if config.get("init_from") or config.model.get("item_item", "off") == "ease":
     # Adam's moments start at zero whatever the weights are: loading after the optimizer
     # is built gives the eager path's state.
     model, optimizer = nnx.merge(graphdef, state)
     _load_init_from(model, config)
+    fill_item_item_prior(model, dataset, config)
     state = nnx.state((model, optimizer))
   return graphdef, state, state_shardings
 

@@ -97,13 +97,22 @@ DOT_RESIDUAL = {"model.scoring": "dot", "model.item_bias": True, "model.fusion":
                 "model.history_fusion": "sum", "model.item_id.separate_history": True}
 
 
-@pytest.mark.parametrize("variant", [{}, DOT_RESIDUAL], ids=["cosine_gated", "dot_residual"])
+DOT_ITEM_ITEM = {**DOT_RESIDUAL, "model.item_item": "learned"}
+DOT_EASE_PRIOR = {**DOT_RESIDUAL, "model.item_item": "ease"}
+
+
+@pytest.mark.parametrize("variant", [{}, DOT_RESIDUAL, DOT_ITEM_ITEM, DOT_EASE_PRIOR],
+                         ids=["cosine_gated", "dot_residual", "dot_item_item", "dot_ease_prior"])
 def test_recommender_scores_equal_training_logits(variant):
   """Catalogue tables + user encodings (the eval path) reproduce the train-time logits."""
   config = tiny_config(**{"model.item_id.dropout": 0.0, **variant})
   model = _model(config)
   if variant:   # give the item biases values, so the test sees them
     model.item_bias[...] = jnp.linspace(-1.0, 1.0, NUM_ITEMS)
+  if model.item_item is not None:
+    model.item_item[...] = jax.random.normal(jax.random.key(1), (NUM_ITEMS, NUM_ITEMS))
+  if model.item_item_scale is not None:
+    model.item_item_scale[...] = 3.0
   batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
   for key in ("text_ids", "text_mask", "image", "video", "presence", "item_has_id"):
     batch[key][1] = batch[key][0]  # row 1 repeats item 0: same item, same content
@@ -227,6 +236,97 @@ def test_residual_fusion_keeps_the_id_outside_the_gate():
   np.testing.assert_allclose(np.asarray(out["logits"])[:, 2], want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="item_id.use"):
     _model(tiny_config(**{"model.fusion": "residual", "model.item_id.use": False}))
+
+
+def test_item_item_term_is_the_history_rows_of_w():
+  """score(u, i) gains sum_{j in history(u), j trained} W[j, i] / sqrt(n) where i has its ID,
+  and nothing where i has none (a cold item); W is trained by the softmax."""
+  config = tiny_config(**{**DOT_ITEM_ITEM, "model.item_id.dropout": 0.0})
+  model = _model(config)
+  model.eval()
+  w = np.asarray(jax.random.normal(jax.random.key(2), (NUM_ITEMS, NUM_ITEMS)))
+  trained = np.arange(NUM_ITEMS) % 5 != 0
+  model.cache_has_id[...] = jnp.asarray(trained)
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
+  batch["item_has_id"][:] = True
+  batch["item_has_id"][3] = False
+  user_keys = ("user_id", "user_has_id", "history", "history_mask")
+  users = {k: np.asarray(v) for k, v in model.encode_users(
+      *(jnp.asarray(batch[k]) for k in user_keys)).items()}
+  np.testing.assert_array_equal(users["item_item"], 0.0)    # zero at init
+  base = np.asarray(model(batch)["logits"])
+  model.item_item[...] = jnp.asarray(w)
+  logits = np.asarray(model(batch)["logits"])
+
+  want = np.zeros((B, B))
+  for u in range(B):
+    seen = [j for j, m in zip(batch["history"][u], batch["history_mask"][u]) if m and trained[j]]
+    for col, item in enumerate(batch["item_id"]):
+      if batch["item_has_id"][col]:
+        want[u, col] = sum(w[j, item] for j in seen) / np.sqrt(max(len(seen), 1))
+  np.testing.assert_allclose(logits - base, want, rtol=1e-4, atol=1e-4)
+  assert np.all(logits[:, 3] == base[:, 3])                  # no ID: no item-item term
+
+  model.train()
+  grads = nnx.grad(lambda m: jnp.sum(m(batch, full_catalogue=True)["catalogue_logits"] ** 2))(
+      model)
+  assert np.abs(np.asarray(grads.item_item[...])).max() > 0
+  with pytest.raises(ValueError, match="item_item"):
+    _model(tiny_config(**{"model.item_item": "learned"}))   # cosine scoring
+  with pytest.raises(ValueError, match="choose from"):
+    _model(tiny_config(**{**DOT_RESIDUAL, "model.item_item": "yes"}))
+  causal = _model(tiny_config(**{**DOT_ITEM_ITEM, "model.user.causal": True}))
+  with pytest.raises(ValueError, match="per-position"):
+    causal.encode_users(*(jnp.asarray(batch[k]) for k in user_keys), per_position=True)
+
+
+def test_ease_prior_is_fixed_and_scaled():
+  """item_item="ease": score gain = scale * sum_{j in history} W[j, i] (raw multi-hot, as EASE
+  scores); W is state, not a parameter (no gradient, no optimizer), the scale is trained."""
+  config = tiny_config(**{**DOT_EASE_PRIOR, "model.item_id.dropout": 0.0})
+  model = _model(config)
+  model.eval()
+  w = np.asarray(jax.random.normal(jax.random.key(3), (NUM_ITEMS, NUM_ITEMS)))
+  model.item_item[...] = jnp.asarray(w)
+  model.item_item_scale[...] = 2.5
+  model.cache_has_id[...] = jnp.ones(NUM_ITEMS, bool)
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
+  user_keys = ("user_id", "user_has_id", "history", "history_mask")
+  users = model.encode_users(*(jnp.asarray(batch[k]) for k in user_keys))
+  hot = np.zeros((B, NUM_ITEMS))
+  for u in range(B):
+    for j, m in zip(batch["history"][u], batch["history_mask"][u]):
+      hot[u, j] += m
+  np.testing.assert_allclose(np.asarray(users["item_item"]), 2.5 * hot @ w, rtol=1e-4, atol=1e-4)
+  assert "item_item" not in nnx.state(model, nnx.Param)
+  grads = nnx.grad(lambda m: jnp.sum(m(batch, full_catalogue=True)["catalogue_logits"] ** 2))(
+      model)
+  assert abs(float(grads.item_item_scale[...])) > 0
+
+
+def test_softmax_scale_matches_a_naive_search():
+  """models.item_item.softmax_scale: the grid point of least cross-entropy, each training pair
+  against the user's non-interacted items, computed pair by pair here."""
+  from recfusion_jax.models import item_item   # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  x = (rng.random((9, 7)) < 0.4).astype(np.float32)
+  x[:, 0] = 1.0   # every user has a pair
+  w = rng.normal(size=(7, 7)).astype(np.float32)
+  np.fill_diagonal(w, 0.0)
+  grid = (0.5, 1.0, 2.0, 4.0, 8.0)
+  losses = []
+  for s in grid:
+    total, count = 0.0, 0
+    for u in range(9):
+      logits = s * (x[u] @ w)
+      negatives = [j for j in range(7) if x[u, j] == 0]
+      for i in np.flatnonzero(x[u]):
+        pool = np.array([logits[i]] + [logits[j] for j in negatives])
+        total += np.log(np.sum(np.exp(pool))) - logits[i]
+        count += 1
+    losses.append(total / count)
+  assert item_item.softmax_scale(x, w, grid) == grid[int(np.argmin(losses))]
+  assert len(set(np.round(losses, 6))) > 1   # the grid points differ: the choice means something
 
 
 @pytest.mark.parametrize("user", [{}, {"model.user.kind": "pool", "model.user.recent": 3}])

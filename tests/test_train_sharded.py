@@ -309,3 +309,32 @@ def test_evaluation_runs_on_the_sharded_state(monkeypatch):
   for group, metrics in host_final.items():
     assert_equal(split_final[group], metrics)
   assert jax.sharding.PartitionSpec(("fsdp",)) in placed, placed
+
+
+def test_ease_prior_lands_on_the_shardings():
+  """model.item_item="ease": the prior is EASE's closed form on the training pairs, born split
+  by rows over fsdp (2 data x 4 fsdp) like the eager model's copy, with its starting scale."""
+  from recfusion_jax.baselines.ease import ease_weights   # pylint: disable=import-outside-toplevel
+  from recfusion_jax.data.types import Interactions      # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{"model.scoring": "dot", "model.fusion": "residual",
+                          "model.item_item": "ease", "model.item_item_reg": 5.0})
+  rng = np.random.default_rng(0)
+  pairs = np.unique(np.stack([rng.integers(0, NUM_USERS, 400), rng.integers(0, NUM_ITEMS, 400)],
+                             1), axis=0).astype(np.int32)
+  n = len(pairs)
+  data = types.SimpleNamespace(
+      num_users=NUM_USERS, catalogue=types.SimpleNamespace(num_items=NUM_ITEMS),
+      train=Interactions(pairs[:, 0], pairs[:, 1], np.zeros(n, np.int64), np.ones(n, np.float32)))
+  x = np.zeros((NUM_USERS, NUM_ITEMS), np.float32)
+  x[pairs[:, 0], pairs[:, 1]] = 1.0
+  want = ease_weights(x, 5.0)
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  tx, _ = train.make_optimizer(config, num_steps=10)
+  _, state, _ = train.create_sharded_state(config, data, mesh, tx, min_elements=64)
+  prior = state[0]["item_item"][...]
+  np.testing.assert_allclose(np.asarray(prior), want, rtol=1e-6, atol=1e-7)
+  assert {s.data.shape for s in prior.addressable_shards} == {(NUM_ITEMS // 4, NUM_ITEMS)}
+  eager = train.create_model(config, data)
+  np.testing.assert_array_equal(np.asarray(eager.item_item[...]), np.asarray(prior))
+  scale = float(state[0]["item_item_scale"][...])
+  assert scale == float(eager.item_item_scale[...]) and scale > 1.0

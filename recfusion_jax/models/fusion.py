@@ -25,7 +25,10 @@ from its gated content alone.
 
 ``mean`` (uniform weights over present sources) and ``concat`` (one projected vector per item,
 user independent) are the ablations; all share this interface. A table may carry
-``score_bias`` [I] (a per-item popularity term), added to every user's score of the item.
+``score_bias`` [I] (a per-item popularity term), added to every user's score of the item, and
+``item_id`` [I] with ``id_weight`` [I]: where users carry ``item_item`` [U, N] (a full-rank
+history-to-item term, ``RecFusion.item_item_scores``), user u's score of item i gains
+item_item[u, item_id[i]] * id_weight[i].
 """
 
 from __future__ import annotations
@@ -105,11 +108,11 @@ class Fusion(nnx.Module):
         float(self.gate_dim))
     return _gate(logits, present, self.kind)
 
-  def scores(self, user: jax.Array, query: jax.Array | None,
+  def scores(self, users: dict[str, jax.Array | None],
              table: dict[str, jax.Array]) -> jax.Array:
-    """Un-tempered scores [U, I] = sum_s w_s(u, i) <u, e_{i,s}>."""
-    return fused_scores({"emb": user, "query": query}, table, kind=self.kind,
-                        gate_dim=self.gate_dim)
+    """Un-tempered scores [U, I] = sum_s w_s(u, i) <u, e_{i,s}> (+ the table's extra terms);
+    ``users``: {"emb" [U, d], "query" [U, h] or None, optional "item_item" [U, N]}."""
+    return fused_scores(users, table, kind=self.kind, gate_dim=self.gate_dim)
 
 
 def pair_weights(query: jax.Array | None, table: dict[str, jax.Array], *, kind: str,
@@ -146,4 +149,7 @@ def fused_scores(users: dict[str, jax.Array], table: dict[str, jax.Array], *, ki
   scores = jnp.sum(weights * products, axis=-1)
   if "score_bias" in table:
     scores = scores + table["score_bias"][None, :]
+  if "item_item" in users:
+    scores = scores + jnp.take(users["item_item"], table["item_id"], axis=1) * table[
+        "id_weight"][None, :]
   return scores

@@ -20,6 +20,19 @@ Scoring (``model.scoring``):
           scale, and (``model.item_bias``) a learned per-item bias: the magnitude and
           popularity channels a softmax recommender needs, and that unit vectors under a
           convex gate do not have (docs/TUNING.md measures the difference).
+
+``model.item_item`` (dot scoring, with item IDs) adds a full-rank item-to-item term, the form of
+EASE and SLIM: score(u, i) += sum_{j in history(u)} W[j, i] (times a normaliser). A rank-d
+user vector against rank-d item vectors cannot express every item-item relation; on MovieLens
+the closed-form EASE, which is exactly such a W, leads every low-rank model (docs/TUNING.md §9).
+  learned  W trained by the same softmax from zero, over the history's multi-hot / sqrt(n).
+  ease     W is EASE's closed form on the training interactions (``train.fill_item_item_prior``;
+           not trained), over the raw multi-hot as EASE scores, times a learned scale: the
+           factors, the content and the gate then learn what the linear item-item model misses
+           (a hybrid in the manner of EASE with side information).
+W is N x N: a term for catalogues of thousands of items, not millions. It is an ID-side term
+(zero for items without a trained ID, i.e. cold items), and it reads a user's whole history, so
+it has no per-position (causal) form.
 """
 
 from __future__ import annotations
@@ -36,11 +49,16 @@ from recfusion_jax.models.fusion import Fusion
 from recfusion_jax.models.user import UserEncoder
 
 SCORINGS = ("cosine", "dot")
+ITEM_ITEM = ("off", "learned", "ease")
 HISTORY_FUSIONS = ("gated", "sum")
 
 
 class ItemCache(nnx.Variable):
   """Non-trainable state: per-modality item embeddings reused for history items."""
+
+
+class ItemItemPrior(nnx.Variable):
+  """Non-trainable state: a closed-form item-item matrix fitted on the training interactions."""
 
 
 def _clipped_inverse_temperature(log_temperature: jax.Array) -> jax.Array:
@@ -77,6 +95,22 @@ class RecFusion(nnx.Module):
         if self.use_item_id and cfg.item_id.get("separate_history", False) else None)
     self.item_bias = (nnx.Param(jnp.zeros((num_items,), jnp.float32))
                       if cfg.get("item_bias", False) else None)
+    self.item_item_mode = cfg.get("item_item", "off")
+    if self.item_item_mode not in ITEM_ITEM:
+      raise ValueError(f"model.item_item={self.item_item_mode!r}; choose from {ITEM_ITEM}")
+    if self.item_item_mode != "off" and (not self.use_item_id or self.scoring != "dot"):
+      raise ValueError("model.item_item is an ID-side term of dot scoring: it needs "
+                       "model.item_id.use and model.scoring='dot'")
+    # Learned: zero at init, so training starts from the factor model and the softmax adds what
+    # it lacks. The diagonal is never trained (a user's history items are neither targets nor,
+    # with exclude_history, negatives), so it needs no EASE-style zero constraint.
+    zeros = jnp.zeros((num_items, num_items), jnp.float32)
+    self.item_item = (nnx.Param(zeros) if self.item_item_mode == "learned" else
+                      ItemItemPrior(zeros) if self.item_item_mode == "ease" else None)
+    # The prior's scores are on EASE's scale (a regression onto 0/1), not a softmax's: a
+    # learned scale, started where the prior best fits the training data as a softmax.
+    self.item_item_scale = (nnx.Param(jnp.ones((), jnp.float32))
+                            if self.item_item_mode == "ease" else None)
     self.content_scale = (nnx.Param(jnp.ones((len(self.modalities),), jnp.float32))
                           if self.scoring == "dot" and self.modalities else None)
     # ID dropout (as in DropoutNet): hiding the ID source for a share of training positives
@@ -129,6 +163,10 @@ class RecFusion(nnx.Module):
     if self.item_bias is not None:
       # Popularity is an ID-side fact: an item without a trained ID (cold) gets no bias.
       table["score_bias"] = self.item_bias[...][item_id] * has_id.astype(jnp.float32)
+    if self.item_item is not None:
+      # fusion.fused_scores adds users["item_item"][:, item_id] where the item has its ID.
+      table["item_id"] = item_id
+      table["id_weight"] = has_id.astype(jnp.float32)
     return table
 
   # ---- users -------------------------------------------------------------------------------
@@ -167,7 +205,27 @@ class RecFusion(nnx.Module):
     id_emb = self.user_encoder.id_embedding(user_id, user_has_id)
     hist_vectors = self.history_vectors(id_emb, history, history_mask)
     user = self.user_encoder(id_emb, hist_vectors, history_mask, per_position=per_position)
-    return {"emb": user, "query": self.fusion.user_query(user)}
+    users = {"emb": user, "query": self.fusion.user_query(user)}
+    if self.item_item is not None:
+      if per_position:
+        raise ValueError("model.item_item scores from a whole history: no per-position form "
+                         "(switch it off for causal next-item rows)")
+      users["item_item"] = self.item_item_scores(history, history_mask)
+    return users
+
+  def item_item_scores(self, history: jax.Array, history_mask: jax.Array) -> jax.Array:
+    """[B, N]: sum_{j in history} W[j, :] over the history items with a trained ID, divided by
+    sqrt(n) (``learned``) or times the learned scale (``ease``)."""
+    weights = (history_mask & self.cache_has_id[...][history]).astype(jnp.float32)
+    rows = jnp.arange(history.shape[0])[:, None]
+    # A multi-hot row times W: a [B, N] x [N, N] matmul; gathering W's rows per history item
+    # instead would build [B, L, N].
+    multi_hot = jnp.zeros((history.shape[0], self.num_items), jnp.float32).at[
+        rows, history].add(weights)
+    if self.item_item_scale is not None:
+      return (multi_hot @ self.item_item[...]) * self.item_item_scale[...]
+    count = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
+    return (multi_hot * jax.lax.rsqrt(count)) @ self.item_item[...]
 
   # ---- scores ------------------------------------------------------------------------------
 
@@ -183,7 +241,7 @@ class RecFusion(nnx.Module):
 
   def score(self, users: Mapping[str, jax.Array], table: Mapping[str, jax.Array]) -> jax.Array:
     """Logits [U, I] of every user against every item of ``table``."""
-    return self.fusion.scores(users["emb"], users.get("query"), table) * self.inverse_temperature
+    return self.fusion.scores(users, table) * self.inverse_temperature
 
   def catalogue_table(self, item_id: jax.Array, content_emb: jax.Array, presence: jax.Array,
                       has_id: jax.Array, valid: jax.Array, *, hide_ids: bool = False
@@ -297,4 +355,4 @@ def source_names(model: RecFusion) -> tuple[str, ...]:
   return model.sources if model.fusion.kind != "concat" else ("fused",)
 
 
-__all__ = ["RecFusion", "ItemCache", "source_names", "MODALITIES"]
+__all__ = ["RecFusion", "ItemCache", "ItemItemPrior", "source_names", "MODALITIES"]
