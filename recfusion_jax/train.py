@@ -99,17 +99,15 @@ def fill_item_item_prior(model: RecFusion, dataset: RecDataset,
                          config: ml_collections.ConfigDict) -> None:
   """``model.item_item="ease"``: EASE's weights on ``dataset.train`` and their starting scale
   (``models.item_item``), each placed on its variable's sharding; otherwise nothing."""
-  if model.item_item_mode != "ease":
+  # Under nnx.eval_shape (restoring: the values come from the checkpoint) only shapes matter,
+  # and the zeros the model was built with have them: no EASE fit for nothing.
+  if model.item_item_mode != "ease" or isinstance(model.item_item[...], jax.core.Tracer):
     return
   weights, scale = item_item.ease_prior(dataset, float(config.model.item_item_reg))
   logging.info("item-item prior: EASE (reg %g) on %d training pairs, starting scale %g",
                config.model.item_item_reg, len(dataset.train.user), scale)
   for variable, value in ((model.item_item, weights), (model.item_item_scale, scale)):
-    old = variable[...]
-    value = np.asarray(value, np.float32)
-    placed = isinstance(old, jax.Array) and not isinstance(old, jax.core.Tracer)
-    # Under nnx.eval_shape (restoring) the values only need their shapes.
-    variable[...] = (sharding.put_global(value, old.sharding) if placed else jnp.asarray(value))
+    variable[...] = sharding.put_global(np.asarray(value, np.float32), variable[...].sharding)
 
 
 def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset, mesh: Any,
