@@ -93,6 +93,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.logq_weight = 1.0            # strength of the logQ correction of in-batch negatives
   config.in_batch_weight = 1.0        # weight of the in-batch term next to the catalogue term
   config.exclude_history = False      # catalogue term: a row's history items are no negatives
+  # The catalogue term's form: softmax | squared (the 0/1 target row's squared error, EASE's
+  # objective), with this weight on the non-target items.
+  config.catalogue_loss = "softmax"
+  config.catalogue_negative_weight = 1.0
   config.cache_refresh_every = 100    # full re-encode of the item cache (steps)
 
   config.optimizer = ml_collections.ConfigDict(dict(

@@ -100,6 +100,8 @@ SCHEMA: dict[str, Any] = {
     "logq_weight": _number(),
     "in_batch_weight": _number(0.0),
     "exclude_history": _choice(True, False),
+    "catalogue_loss": _choice("softmax", "squared"),
+    "catalogue_negative_weight": _number(0.0),
     "cache_refresh_every": _int(1),
     "optimizer": {
         "learning_rate": _number(0.0, strict=True),

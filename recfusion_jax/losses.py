@@ -106,6 +106,35 @@ def multi_target_softmax_loss(logits: jax.Array, targets: jax.Array, target_mask
   return _masked_mean(lse[:, None] - target_logits, target_mask)
 
 
+def multi_target_squared_loss(logits: jax.Array, targets: jax.Array, target_mask: jax.Array,
+                              candidates: jax.Array, exclude: jax.Array | None = None,
+                              exclude_mask: jax.Array | None = None,
+                              negative_weight: float = 1.0) -> jax.Array:
+  """Squared error of a row's scores against its 0/1 target row (the objective EASE and
+  EDLAE solve in closed form, here for any scorer trained by gradient).
+
+  Same arguments as ``multi_target_softmax_loss``: the row's allowed columns are the
+  candidates minus its excluded items, plus its targets. Each allowed column c adds
+  (logits[r, c] - 1)^2 if c is a real target of row r, else ``negative_weight`` *
+  logits[r, c]^2 (the unobserved weight of implicit-feedback least squares, Hu et al. 2008).
+
+  Returns:
+    Mean over rows with at least one real target of the row's sum (0 when there are none).
+  """
+  rows, num_items = logits.shape
+  row_index = jnp.arange(rows)[:, None]
+  allowed = jnp.broadcast_to(candidates[None, :], logits.shape)
+  if exclude is not None:
+    drop = jnp.where(exclude_mask, exclude, num_items)          # padding -> out of range
+    allowed = allowed.at[row_index, drop].set(False, mode="drop")
+  keep = jnp.where(target_mask, targets, num_items)
+  allowed = allowed.at[row_index, keep].set(True, mode="drop")
+  is_target = jnp.zeros(logits.shape, bool).at[row_index, keep].set(True, mode="drop")
+  error = jnp.where(is_target, jnp.square(logits - 1.0), negative_weight * jnp.square(logits))
+  per_row = jnp.sum(jnp.where(allowed, error, 0.0), axis=1)
+  return _masked_mean(per_row, jnp.any(target_mask, axis=1))
+
+
 def info_nce(a: jax.Array, b: jax.Array, valid: jax.Array, item_ids: jax.Array,
              inverse_temperature: jax.Array | float) -> jax.Array:
   """Symmetric InfoNCE between paired unit vectors a[i] <-> b[i].

@@ -145,6 +145,7 @@ def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset,
 def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive_weight: float,
                    logq_weight: float = 1.0, full_catalogue: bool = False,
                    in_batch_weight: float = 1.0, exclude_history: bool = False,
+                   catalogue_form: str = "softmax", negative_weight: float = 1.0,
                    content: tuple[jax.Array, jax.Array] | None = None,
                    users: Mapping[str, jax.Array | None] | None = None, loss_tile: int = 0,
                    mesh: Mesh | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -156,7 +157,8 @@ def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive
   (config ``rec_loss="full"``) adds a softmax over every trained item of the catalogue, one
   term per target of the row (several for per-user batches). ``exclude_history`` keeps the
   items of a row's visible history out of its catalogue negatives (evaluation never ranks
-  them either). ``content``: precomputed (content_emb, presence) of the batch's items instead
+  them either). ``catalogue_form``: that term as a softmax, or as the squared error against
+  the 0/1 target row with ``negative_weight`` on non-targets (``losses``). ``content``: precomputed (content_emb, presence) of the batch's items instead
   of running the encoder, ``users`` the batch's precomputed ``model.encode_users`` output
   instead of running the user tower (both: the gradient-caching step,
   ``recfusion_jax.gradcache``).
@@ -189,9 +191,10 @@ def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive
   rec = in_batch_weight * in_batch
   extra = {}
   if full_catalogue:
-    full = catalogue_loss(out["catalogue_logits"], batch, out["candidates"], exclude_history)
+    full = catalogue_loss(out["catalogue_logits"], batch, out["candidates"], exclude_history,
+                          catalogue_form, negative_weight)
     rec = full + rec
-    extra = {"full_softmax_loss": full, "in_batch_loss": in_batch}
+    extra = {f"full_{catalogue_form}_loss": full, "in_batch_loss": in_batch}
   total = losses.total_loss(rec, contrastive, contrastive_weight)
   w = valid.astype(jnp.float32)[:, None]
   aux = {"rec_loss": rec, "contrastive_loss": contrastive, "total_loss": total, **extra,
@@ -201,9 +204,11 @@ def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive
 
 
 def catalogue_loss(logits: jax.Array, batch: Mapping[str, jax.Array], candidates: jax.Array,
-                   exclude_history: bool) -> jax.Array:
+                   exclude_history: bool, form: str = "softmax",
+                   negative_weight: float = 1.0) -> jax.Array:
   """The full-catalogue term for each batch kind: one target per interaction row, the hidden
-  items of a cloze row, or the next item at every position of a causal row."""
+  items of a cloze row, or the next item at every position of a causal row; ``form`` softmax
+  or squared (see ``compute_losses``)."""
   history, history_mask = batch["history"], batch["history_mask"]
   if "targets" not in batch:
     targets, target_mask = batch["item_id"][:, None], batch["example_mask"][:, None]
@@ -217,6 +222,11 @@ def catalogue_loss(logits: jax.Array, batch: Mapping[str, jax.Array], candidates
   else:
     targets, target_mask = batch["targets"], batch["target_mask"]
   exclude = (history, history_mask) if exclude_history else (None, None)
+  if form == "squared":
+    return losses.multi_target_squared_loss(logits, targets, target_mask, candidates, *exclude,
+                                            negative_weight=negative_weight)
+  if form != "softmax":
+    raise ValueError(f"catalogue_loss={form!r}; choose 'softmax' or 'squared'")
   return losses.multi_target_softmax_loss(logits, targets, target_mask, candidates, *exclude)
 
 
@@ -234,13 +244,16 @@ def step_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
               full_catalogue=rec_loss_is_full(config),
               in_batch_weight=config.get("in_batch_weight", 1.0),
               exclude_history=config.get("exclude_history", False),
+              catalogue_form=config.get("catalogue_loss", "softmax"),
+              negative_weight=config.get("catalogue_negative_weight", 1.0),
               micro_batch=config.get("micro_batch", 0), loss_tile=config.get("loss_tile", 0))
 
 
 def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array], *,
                contrastive_weight: float, schedule, logq_weight: float = 1.0,
                full_catalogue: bool = False, in_batch_weight: float = 1.0,
-               exclude_history: bool = False, micro_batch: int = 0, loss_tile: int = 0,
+               exclude_history: bool = False, catalogue_form: str = "softmax",
+               negative_weight: float = 1.0, micro_batch: int = 0, loss_tile: int = 0,
                mesh: Mesh | None = None) -> tuple[Any, dict[str, jax.Array]]:
   """One optimisation step on the split (model, optimizer) state; pure, for ``jax.jit``.
 
@@ -254,6 +267,7 @@ def train_step(graphdef: nnx.GraphDef, state: Any, batch: Mapping[str, jax.Array
   loss_fn = functools.partial(compute_losses, contrastive_weight=contrastive_weight,
                               logq_weight=logq_weight, full_catalogue=full_catalogue,
                               in_batch_weight=in_batch_weight, exclude_history=exclude_history,
+                              catalogue_form=catalogue_form, negative_weight=negative_weight,
                               loss_tile=loss_tile, mesh=mesh)
   if micro_batch:
     (_, aux), grads = gradcache.loss_and_grads(model, batch, loss_fn, micro_batch=micro_batch,

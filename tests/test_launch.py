@@ -263,18 +263,37 @@ def _run(script: str, env: dict, *args: str, timeout: float = EXIT_TIMEOUT_S):
 
 
 def _start(script: str, env: dict, *args: str) -> subprocess.Popen:
-  return subprocess.Popen(["bash", str(REPO / "launch" / script), *args], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
+  # A launcher started with SIGINT ignored (inherited: a test run started as `cmd &` from a
+  # script) cannot trap it, so the SIGINT tests would test the parent, not the launcher. A
+  # Python-level handler is reset to the default by exec; SIG_IGN would be inherited.
+  previous = signal.getsignal(signal.SIGINT)
+  if previous is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    return subprocess.Popen(["bash", str(REPO / "launch" / script), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+  finally:
+    signal.signal(signal.SIGINT, previous)
+
+
+def _signal_state(pid: int) -> str:
+  """The ignored/blocked/caught signal masks of a live process (for a failure message)."""
+  try:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+  except OSError as e:
+    return f"(no /proc status: {e})"
+  return " ".join(l.replace("\t", "") for l in lines if l.startswith(("SigBlk", "SigIgn", "SigCgt")))
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
   try:
     stdout, stderr = proc.communicate(timeout=EXIT_TIMEOUT_S)
   except subprocess.TimeoutExpired:
+    state = _signal_state(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)
     stdout, stderr = proc.communicate()
-    raise AssertionError(f"launcher did not exit:\n{stdout}\n{stderr}")
+    raise AssertionError(f"launcher did not exit ({state}):\n{stdout}\n{stderr}")
   return proc.returncode, stdout, stderr
 
 

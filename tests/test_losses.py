@@ -516,6 +516,59 @@ def test_multi_target_softmax_matches_reference(seed):
   assert not np.asarray(grad)[-1].any()
 
 
+def _ref_multi_target_squared(logits, targets, target_mask, candidates, exclude, exclude_mask,
+                              negative_weight):
+  """Naive: per row, (score - 1)^2 over its distinct real targets plus negative_weight *
+  score^2 over its other allowed items; the mean over rows that have a real target."""
+  logits = np.asarray(logits, np.float64)
+  sums = []
+  for r in range(logits.shape[0]):
+    real = {int(t) for t, m in zip(targets[r], target_mask[r]) if m}
+    if not real:
+      continue
+    dropped = {int(e) for e, m in zip(exclude[r], exclude_mask[r]) if m}
+    total = 0.0
+    for c in range(logits.shape[1]):
+      if c in real:
+        total += (logits[r, c] - 1.0) ** 2
+      elif candidates[c] and c not in dropped:
+        total += negative_weight * logits[r, c] ** 2
+    sums.append(total)
+  return sum(sums) / max(len(sums), 1)
+
+
+@pytest.mark.parametrize("seed,negative_weight", [(0, 1.0), (1, 0.1), (2, 0.0)])
+def test_multi_target_squared_matches_reference(seed, negative_weight):
+  rng = np.random.default_rng(seed)
+  rows, n, t, e = 5, 13, 4, 3
+  logits = rng.normal(size=(rows, n))
+  targets = rng.integers(0, n, (rows, t))
+  targets[1, 1] = targets[1, 0]                # a repeated target counts once
+  target_mask = rng.random((rows, t)) < 0.6
+  target_mask[1, :2] = True
+  target_mask[-1] = False                      # a row without targets contributes nothing
+  candidates = rng.random(n) < 0.7
+  exclude = rng.integers(0, n, (rows, e))
+  exclude[0, 0] = targets[0, 0]                # a target that is also excluded stays scored
+  target_mask[0, 0] = True
+  exclude_mask = rng.random((rows, e)) < 0.7
+  exclude_mask[0, 0] = True
+  args = [jnp.asarray(x) for x in (targets, target_mask, candidates, exclude, exclude_mask)]
+  fn = lambda x: losses.multi_target_squared_loss(x, *args, negative_weight=negative_weight)
+  ref = lambda x: _ref_multi_target_squared(x, targets, target_mask, candidates, exclude,
+                                            exclude_mask, negative_weight)
+  loss, grad = jax.value_and_grad(fn)(jnp.asarray(logits, jnp.float32))
+  np.testing.assert_allclose(loss, ref(logits), rtol=_RTOL, atol=_ATOL)
+  flat = logits.reshape(-1)
+  for k in rng.choice(flat.size, 8, replace=False):
+    step = np.zeros_like(flat)
+    step[k] = 1e-5
+    num = (ref((flat + step).reshape(logits.shape))
+           - ref((flat - step).reshape(logits.shape))) / 2e-5
+    np.testing.assert_allclose(np.asarray(grad).reshape(-1)[k], num, atol=1e-4)
+  assert not np.asarray(grad)[-1].any()
+
+
 def test_multi_target_softmax_one_target_is_the_full_softmax():
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.normal(size=(4, 9)), jnp.float32)
