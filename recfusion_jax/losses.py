@@ -76,6 +76,22 @@ def full_softmax_loss(logits: jax.Array, item_ids: jax.Array, candidates: jax.Ar
   return _masked_mean(jax.nn.logsumexp(masked, axis=1) - positive, valid)
 
 
+def _row_columns(shape: tuple[int, int], targets: jax.Array, target_mask: jax.Array,
+                 candidates: jax.Array, exclude: jax.Array | None,
+                 exclude_mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+  """[R, N] masks of the catalogue losses: the columns a row is scored on (candidates minus
+  its excluded items, plus its targets) and its real targets."""
+  rows, num_items = shape
+  row_index = jnp.arange(rows)[:, None]
+  keep = jnp.where(target_mask, targets, num_items)              # padding -> out of range
+  is_target = jnp.zeros(shape, bool).at[row_index, keep].set(True, mode="drop")
+  allowed = jnp.broadcast_to(candidates[None, :], shape)
+  if exclude is not None:
+    drop = jnp.where(exclude_mask, exclude, num_items)
+    allowed = allowed.at[row_index, drop].set(False, mode="drop")
+  return allowed | is_target, is_target
+
+
 def multi_target_softmax_loss(logits: jax.Array, targets: jax.Array, target_mask: jax.Array,
                               candidates: jax.Array, exclude: jax.Array | None = None,
                               exclude_mask: jax.Array | None = None) -> jax.Array:
@@ -93,14 +109,8 @@ def multi_target_softmax_loss(logits: jax.Array, targets: jax.Array, target_mask
   Returns:
     Mean over the real targets of all rows (0 when there are none).
   """
-  rows, num_items = logits.shape
-  row_index = jnp.arange(rows)[:, None]
-  allowed = jnp.broadcast_to(candidates[None, :], logits.shape)
-  if exclude is not None:
-    drop = jnp.where(exclude_mask, exclude, num_items)          # padding -> out of range
-    allowed = allowed.at[row_index, drop].set(False, mode="drop")
-  keep = jnp.where(target_mask, targets, num_items)
-  allowed = allowed.at[row_index, keep].set(True, mode="drop")
+  allowed, _ = _row_columns(logits.shape, targets, target_mask, candidates, exclude,
+                            exclude_mask)
   lse = jax.nn.logsumexp(jnp.where(allowed, logits, _MASKED), axis=1)
   target_logits = jnp.take_along_axis(logits, jnp.where(target_mask, targets, 0), axis=1)
   return _masked_mean(lse[:, None] - target_logits, target_mask)
@@ -121,15 +131,8 @@ def multi_target_squared_loss(logits: jax.Array, targets: jax.Array, target_mask
   Returns:
     Mean over rows with at least one real target of the row's sum (0 when there are none).
   """
-  rows, num_items = logits.shape
-  row_index = jnp.arange(rows)[:, None]
-  allowed = jnp.broadcast_to(candidates[None, :], logits.shape)
-  if exclude is not None:
-    drop = jnp.where(exclude_mask, exclude, num_items)          # padding -> out of range
-    allowed = allowed.at[row_index, drop].set(False, mode="drop")
-  keep = jnp.where(target_mask, targets, num_items)
-  allowed = allowed.at[row_index, keep].set(True, mode="drop")
-  is_target = jnp.zeros(logits.shape, bool).at[row_index, keep].set(True, mode="drop")
+  allowed, is_target = _row_columns(logits.shape, targets, target_mask, candidates, exclude,
+                                    exclude_mask)
   error = jnp.where(is_target, jnp.square(logits - 1.0), negative_weight * jnp.square(logits))
   per_row = jnp.sum(jnp.where(allowed, error, 0.0), axis=1)
   return _masked_mean(per_row, jnp.any(target_mask, axis=1))

@@ -484,20 +484,28 @@ def _ref_multi_target(logits, targets, target_mask, candidates, exclude, exclude
   return sum(terms) / max(len(terms), 1)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_multi_target_softmax_matches_reference(seed):
-  rng = np.random.default_rng(seed)
+def _multi_target_case(rng):
+  """Random [5, 13] logits with up to 4 targets and 3 excluded items a row; the last row has no
+  target and row 0's first target is also excluded (it stays scored)."""
   rows, n, t, e = 5, 13, 4, 3
-  logits = rng.normal(size=(rows, n)) * 3
+  logits = rng.normal(size=(rows, n))
   targets = rng.integers(0, n, (rows, t))
   target_mask = rng.random((rows, t)) < 0.6
-  target_mask[-1] = False                      # a row without targets contributes nothing
+  target_mask[-1] = False
   candidates = rng.random(n) < 0.7
   exclude = rng.integers(0, n, (rows, e))
-  exclude[0, 0] = targets[0, 0]                # a target that is also excluded stays scored
+  exclude[0, 0] = targets[0, 0]
   target_mask[0, 0] = True
   exclude_mask = rng.random((rows, e)) < 0.7
   exclude_mask[0, 0] = True
+  return logits, targets, target_mask, candidates, exclude, exclude_mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_multi_target_softmax_matches_reference(seed):
+  rng = np.random.default_rng(seed)
+  logits, targets, target_mask, candidates, exclude, exclude_mask = _multi_target_case(rng)
+  logits = logits * 3
   args = [jnp.asarray(x) for x in (targets, target_mask, candidates, exclude, exclude_mask)]
   fn = lambda x: losses.multi_target_softmax_loss(x, *args)
   want = _ref_multi_target(logits, targets, target_mask, candidates, exclude, exclude_mask)
@@ -540,19 +548,9 @@ def _ref_multi_target_squared(logits, targets, target_mask, candidates, exclude,
 @pytest.mark.parametrize("seed,negative_weight", [(0, 1.0), (1, 0.1), (2, 0.0)])
 def test_multi_target_squared_matches_reference(seed, negative_weight):
   rng = np.random.default_rng(seed)
-  rows, n, t, e = 5, 13, 4, 3
-  logits = rng.normal(size=(rows, n))
-  targets = rng.integers(0, n, (rows, t))
+  logits, targets, target_mask, candidates, exclude, exclude_mask = _multi_target_case(rng)
   targets[1, 1] = targets[1, 0]                # a repeated target counts once
-  target_mask = rng.random((rows, t)) < 0.6
   target_mask[1, :2] = True
-  target_mask[-1] = False                      # a row without targets contributes nothing
-  candidates = rng.random(n) < 0.7
-  exclude = rng.integers(0, n, (rows, e))
-  exclude[0, 0] = targets[0, 0]                # a target that is also excluded stays scored
-  target_mask[0, 0] = True
-  exclude_mask = rng.random((rows, e)) < 0.7
-  exclude_mask[0, 0] = True
   args = [jnp.asarray(x) for x in (targets, target_mask, candidates, exclude, exclude_mask)]
   fn = lambda x: losses.multi_target_squared_loss(x, *args, negative_weight=negative_weight)
   ref = lambda x: _ref_multi_target_squared(x, targets, target_mask, candidates, exclude,
