@@ -158,10 +158,10 @@ def compute_losses(model: RecFusion, batch: Mapping[str, jax.Array], contrastive
   term per target of the row (several for per-user batches). ``exclude_history`` keeps the
   items of a row's visible history out of its catalogue negatives (evaluation never ranks
   them either). ``catalogue_form``: that term as a softmax, or as the squared error against
-  the 0/1 target row with ``negative_weight`` on non-targets (``losses``). ``content``: precomputed (content_emb, presence) of the batch's items instead
-  of running the encoder, ``users`` the batch's precomputed ``model.encode_users`` output
-  instead of running the user tower (both: the gradient-caching step,
-  ``recfusion_jax.gradcache``).
+  the 0/1 target row with ``negative_weight`` on non-targets (``losses``). ``content``:
+  precomputed (content_emb, presence) of the batch's items instead of running the encoder,
+  ``users`` the batch's precomputed ``model.encode_users`` output instead of running the user
+  tower (both: the gradient-caching step, ``recfusion_jax.gradcache``).
 
   ``loss_tile`` > 0 (config ``loss_tile``): the in-batch softmax and the contrastive term are
   computed in [tile, tile] blocks (``recfusion_jax.tiled_losses``; same values and gradients),

@@ -283,7 +283,9 @@ def _signal_state(pid: int) -> str:
     lines = Path(f"/proc/{pid}/status").read_text().splitlines()
   except OSError as e:
     return f"(no /proc status: {e})"
-  return " ".join(l.replace("\t", "") for l in lines if l.startswith(("SigBlk", "SigIgn", "SigCgt")))
+  masks = [line.replace("\t", "") for line in lines
+           if line.startswith(("SigBlk", "SigIgn", "SigCgt"))]
+  return " ".join(masks)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
