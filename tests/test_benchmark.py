@@ -3,6 +3,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -103,10 +104,16 @@ def test_synthetic_suite_end_to_end(tmp_path):
   assert "ease" not in results["cold_items"] and all("sasrec" not in r for r in results.values())
   assert "dropped_NDCG@10" in results["missing_modality"]["ease"]
   assert all(np.isfinite(results["retrieval"]["RecFusion"][m]) for m in registry.RETRIEVAL)
+  with open(os.path.join(tmp_path, "paired.json")) as f:
+    paired = json.load(f)
+  assert paired["warm_ratio"]["ease"]["mean"] == pytest.approx(
+      results["warm_ratio"]["ease"]["NDCG@10"] - results["warm_ratio"]["RecFusion"]["NDCG@10"])
+  assert "RecFusion text_to_image_R@10" in paired["retrieval"]
   with open(os.path.join(tmp_path, "RESULTS.md")) as f:
     text = f.read()
   for snippet in ("## warm_ratio", "## missing_modality", "| ease |", "wall s / seed",
-                  "Not applicable: sasrec", "curves_warm_ratio.png", "ablation_ndcg.png"):
+                  "Not applicable: sasrec", "curves_warm_ratio.png", "ablation_ndcg.png",
+                  "## Paired differences", "| ease | NDCG@10 - RecFusion |"):
     assert snippet in text, snippet
   # RecFusion's training curve comes from its run's metrics.jsonl (clu writers).
   steps, values, key = report._read_curve(
@@ -140,6 +147,47 @@ def test_aggregate_mean_and_sample_std():
   assert entry["HR@10"] == pytest.approx(0.3)
   assert entry["HR@10_std"] == pytest.approx(np.std([0.2, 0.4], ddof=1))
   assert entry["num_seeds"] == 2 and entry["wall_s"] == pytest.approx(2.0)
+
+
+def test_paired_differences_match_a_hand_computed_t_interval(tmp_path):
+  """Each model minus RecFusion per seed (only seeds both ran), the t interval from tabulated
+  critical values; retrieval against chance, 10 / candidates; one seed gives no interval."""
+  ndcg = {("RecFusion", 0): 0.30, ("RecFusion", 1): 0.32, ("RecFusion", 2): 0.31,
+          ("RecFusion", 3): 0.29, ("RecFusion", 4): 0.33,
+          ("ease", 0): 0.33, ("ease", 1): 0.34, ("ease", 2): 0.30, ("ease", 3): 0.31,
+          ("ease", 4): 0.36, ("ease", 9): 0.90,      # seed 9: no RecFusion run to pair with
+          ("RecFusion-mean_fusion", 0): 0.28}
+  records = [{"protocol": "warm_ratio", "model": m, "seed": s, "metrics": {"NDCG@10": v}}
+             for (m, s), v in ndcg.items()]
+  records += [{"protocol": "retrieval", "model": "RecFusion", "seed": s,
+               "metrics": {"text_to_image_R@10": r, "num_items": 200.0}}
+              for s, r in enumerate((0.10, 0.07, 0.08, 0.09))]
+  paired = report.paired_differences(records)
+
+  diffs = [0.03, 0.02, -0.01, 0.02, 0.03]
+  mean = sum(diffs) / 5
+  sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4)
+  half = 2.7764451051977987 * sd / math.sqrt(5)      # t(0.975, 4 degrees of freedom)
+  ease = paired["warm_ratio"]["ease"]
+  assert ease["num_seeds"] == 5 and ease["diffs"] == pytest.approx(diffs)
+  assert (ease["mean"], ease["ci_low"], ease["ci_high"]) == pytest.approx(
+      (mean, mean - half, mean + half))
+  single = paired["warm_ratio"]["RecFusion-mean_fusion"]
+  assert single["mean"] == pytest.approx(-0.02) and single["ci_low"] is None
+  assert "RecFusion" not in paired["warm_ratio"]
+
+  chance = [r - 10 / 200 for r in (0.10, 0.07, 0.08, 0.09)]
+  mean = sum(chance) / 4
+  sd = math.sqrt(sum((d - mean) ** 2 for d in chance) / 3)
+  half = 3.182446305284263 * sd / math.sqrt(4)       # t(0.975, 3)
+  got = paired["retrieval"]["RecFusion text_to_image_R@10"]
+  assert (got["mean"], got["ci_low"], got["ci_high"]) == pytest.approx(
+      (mean, mean - half, mean + half))
+
+  text = "\n".join(report._paired_lines(paired))
+  assert "| ease | NDCG@10 - RecFusion | +0.0180 |" in text
+  assert "| RecFusion-mean_fusion | NDCG@10 - RecFusion | -0.0200 | - | 1 | - |" in text
+  assert "| RecFusion text_to_image_R@10 | text_to_image_R@10 - chance | +0.0350 |" in text
 
 
 ML_DIR = "data_out/movielens"

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import jax
 import numpy as np
+import scipy.stats
 from etils import epath
 
 from recfusion_jax.benchmark import registry
@@ -50,6 +51,74 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[
   return out
 
 
+PAIRED_REFERENCE = "RecFusion"
+RETRIEVAL_CHANCE_KEYS = ("text_to_image_R@10", "image_to_text_R@10")
+
+
+def _interval(diffs: Sequence[float], confidence: float) -> dict[str, Any]:
+  """Mean of paired differences and its Student-t interval (None with fewer than 2 pairs)."""
+  d = np.asarray(diffs, np.float64)
+  entry: dict[str, Any] = {"mean": float(d.mean()), "num_seeds": int(d.size),
+                           "diffs": [float(x) for x in d], "ci_low": None, "ci_high": None}
+  if d.size > 1:
+    half = (scipy.stats.t.ppf(0.5 + confidence / 2, d.size - 1)
+            * np.std(d, ddof=1) / np.sqrt(d.size))
+    entry["ci_low"], entry["ci_high"] = float(d.mean() - half), float(d.mean() + half)
+  return entry
+
+
+def paired_differences(records: Sequence[Mapping[str, Any]], reference: str = PAIRED_REFERENCE,
+                       metric: str = "NDCG@10", confidence: float = 0.95
+                       ) -> dict[str, dict[str, dict[str, Any]]]:
+  """{protocol: {model: {metric, mean, ci_low, ci_high, num_seeds, diffs}}}: per seed, the model's
+  metric minus ``reference``'s on the same split, with a t confidence interval of the mean.
+
+  Pairing by seed removes the split-to-split spread that both models share (it is several times
+  the difference between close models on MovieLens). Only seeds both models ran are paired. On
+  ``retrieval`` every model is compared with chance instead (R@10 - 10 / number of candidates).
+  """
+  by_key = {(r["protocol"], r["model"], r["seed"]): r["metrics"] for r in records}
+  out: dict[str, dict[str, dict[str, Any]]] = {}
+  for protocol, model in dict.fromkeys((r["protocol"], r["model"]) for r in records):
+    seeds = sorted(s for p, m, s in by_key if (p, m) == (protocol, model))
+    if protocol == "retrieval":
+      for key in RETRIEVAL_CHANCE_KEYS:
+        pairs = [by_key[protocol, model, s] for s in seeds]
+        diffs = [m[key] - 10.0 / m["num_items"] for m in pairs if key in m]
+        if diffs:
+          out.setdefault(protocol, {})[f"{model} {key}"] = {
+              "metric": f"{key} - chance", **_interval(diffs, confidence)}
+      continue
+    if model == reference:
+      continue
+    diffs = [by_key[protocol, model, s][metric] - by_key[protocol, reference, s][metric]
+             for s in seeds if (protocol, reference, s) in by_key
+             and metric in by_key[protocol, model, s]
+             and metric in by_key[protocol, reference, s]]
+    if diffs:
+      out.setdefault(protocol, {})[model] = {"metric": f"{metric} - {reference}",
+                                             **_interval(diffs, confidence)}
+  return out
+
+
+def _paired_lines(paired: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+  lines = ["## Paired differences", "",
+           f"Per seed, each model minus {PAIRED_REFERENCE} on the same split (retrieval: minus "
+           "chance), mean and 95% t interval over the seeds both ran; `differs` when the "
+           "interval excludes 0.", ""]
+  for protocol, rows in paired.items():
+    lines += [f"### {protocol}", "", "| model | difference | mean | 95% CI | seeds | differs |",
+              "|---|---|---|---|---|---|"]
+    for model, e in rows.items():
+      ci = ("-" if e["ci_low"] is None else f"[{e['ci_low']:+.4f}, {e['ci_high']:+.4f}]")
+      differs = ("-" if e["ci_low"] is None else
+                 "yes" if e["ci_low"] > 0 or e["ci_high"] < 0 else "no")
+      lines.append(f"| {model} | {e['metric']} | {e['mean']:+.4f} | {ci} | {e['num_seeds']} "
+                   f"| {differs} |")
+    lines.append("")
+  return lines
+
+
 def machine_description() -> str:
   cpu = platform.processor() or platform.machine()
   try:
@@ -84,9 +153,10 @@ def _table(results: Mapping[str, Mapping[str, float]], models: Sequence[str],
 
 
 def write_markdown(path: str | os.PathLike, results: Mapping[str, Any], opts: "Options",
-                   machine: str, total_wall_s: float, plots: Sequence[str | os.PathLike]
-                   ) -> None:
-  """RESULTS.md: command, machine, protocol notes and one table per protocol."""
+                   machine: str, total_wall_s: float, plots: Sequence[str | os.PathLike],
+                   paired: Mapping[str, Any] | None = None) -> None:
+  """RESULTS.md: command, machine, protocol notes, one table per protocol and the paired
+  differences."""
   lines = [f"# RecFusion-JAX benchmark: {opts.suite}", "",
            f"- command: `{opts.command}`",
            f"- machine: {machine}",
@@ -129,6 +199,8 @@ def write_markdown(path: str | os.PathLike, results: Mapping[str, Any], opts: "O
     if skipped:
       lines += ["", f"Not applicable: {', '.join(skipped)}."]
     lines.append("")
+  if paired:
+    lines += _paired_lines(paired)
   if plots:
     names = [epath.Path(p).name for p in plots]
     lines += ["## Plots", ""] + [f"![{name}]({name})" for name in names] + [""]

@@ -40,7 +40,9 @@ keeps train-only final fits. Baselines tune their grid (and, if iterative, the n
 epochs); RecFusion configs train for ``config.num_steps`` (or ``--steps``) as configured.
 
 Outputs in ``--workdir``: ``results.json`` ({protocol: {model: {metric: mean over seeds,
-metric + "_std": sample std, "num_seeds", "wall_s"}}}), ``results_per_seed.jsonl``,
+metric + "_std": sample std, "num_seeds", "wall_s"}}}), ``paired.json`` (per protocol, each
+model minus RecFusion by seed with a 95% t interval; retrieval against chance:
+``report.paired_differences``), ``results_per_seed.jsonl``,
 ``RESULTS.md`` (tables, command, machine, wall times), ``curves_<protocol>.png`` (training
 curves from each run's ``metrics.jsonl``) and ``ablation_ndcg.png``; each run's directory is
 ``runs/<split>/<protocol>/<model>/seed<k>`` (RecFusion checkpoints there are resumed, so an
@@ -256,6 +258,8 @@ def _write_outputs(opts: Options, records: Sequence[Mapping[str, Any]], machine:
     return results   # the shards' records are merged by a final --merge run
   workdir = epath.Path(opts.workdir)
   (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  paired = report.paired_differences(records)
+  (workdir / "paired.json").write_text(json.dumps(paired, indent=1))
   paths = report.write_plots(workdir, results, opts, records) if plots else []
-  report.write_markdown(workdir / "RESULTS.md", results, opts, machine, wall_s, paths)
+  report.write_markdown(workdir / "RESULTS.md", results, opts, machine, wall_s, paths, paired)
   return results
