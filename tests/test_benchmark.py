@@ -149,7 +149,7 @@ def test_aggregate_mean_and_sample_std():
   assert entry["num_seeds"] == 2 and entry["wall_s"] == pytest.approx(2.0)
 
 
-def test_paired_differences_match_a_hand_computed_t_interval(tmp_path):
+def test_paired_differences_match_a_hand_computed_t_interval():
   """Each model minus RecFusion per seed (only seeds both ran), the t interval from tabulated
   critical values; retrieval against chance, 10 / candidates; one seed gives no interval."""
   ndcg = {("RecFusion", 0): 0.30, ("RecFusion", 1): 0.32, ("RecFusion", 2): 0.31,

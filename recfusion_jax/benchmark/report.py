@@ -52,26 +52,26 @@ def aggregate(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[
 
 
 PAIRED_REFERENCE = "RecFusion"
+PAIRED_CONFIDENCE = 0.95
 RETRIEVAL_CHANCE_KEYS = ("text_to_image_R@10", "image_to_text_R@10")
 
 
-def _interval(diffs: Sequence[float], confidence: float) -> dict[str, Any]:
+def _interval(diffs: Sequence[float]) -> dict[str, Any]:
   """Mean of paired differences and its Student-t interval (None with fewer than 2 pairs)."""
   d = np.asarray(diffs, np.float64)
   entry: dict[str, Any] = {"mean": float(d.mean()), "num_seeds": int(d.size),
                            "diffs": [float(x) for x in d], "ci_low": None, "ci_high": None}
   if d.size > 1:
-    half = (scipy.stats.t.ppf(0.5 + confidence / 2, d.size - 1)
+    half = (scipy.stats.t.ppf(0.5 + PAIRED_CONFIDENCE / 2, d.size - 1)
             * np.std(d, ddof=1) / np.sqrt(d.size))
     entry["ci_low"], entry["ci_high"] = float(d.mean() - half), float(d.mean() + half)
   return entry
 
 
 def paired_differences(records: Sequence[Mapping[str, Any]], reference: str = PAIRED_REFERENCE,
-                       metric: str = "NDCG@10", confidence: float = 0.95
-                       ) -> dict[str, dict[str, dict[str, Any]]]:
+                       metric: str = "NDCG@10") -> dict[str, dict[str, dict[str, Any]]]:
   """{protocol: {model: {metric, mean, ci_low, ci_high, num_seeds, diffs}}}: per seed, the model's
-  metric minus ``reference``'s on the same split, with a t confidence interval of the mean.
+  metric minus ``reference``'s on the same split, with a t interval (PAIRED_CONFIDENCE) of the mean.
 
   Pairing by seed removes the split-to-split spread that both models share (it is several times
   the difference between close models on MovieLens). Only seeds both models ran are paired. On
@@ -82,12 +82,12 @@ def paired_differences(records: Sequence[Mapping[str, Any]], reference: str = PA
   for protocol, model in dict.fromkeys((r["protocol"], r["model"]) for r in records):
     seeds = sorted(s for p, m, s in by_key if (p, m) == (protocol, model))
     if protocol == "retrieval":
+      runs = [by_key[protocol, model, s] for s in seeds]
       for key in RETRIEVAL_CHANCE_KEYS:
-        pairs = [by_key[protocol, model, s] for s in seeds]
-        diffs = [m[key] - 10.0 / m["num_items"] for m in pairs if key in m]
+        diffs = [m[key] - 10.0 / m["num_items"] for m in runs if key in m]
         if diffs:
           out.setdefault(protocol, {})[f"{model} {key}"] = {
-              "metric": f"{key} - chance", **_interval(diffs, confidence)}
+              "metric": f"{key} - chance", **_interval(diffs)}
       continue
     if model == reference:
       continue
@@ -97,17 +97,18 @@ def paired_differences(records: Sequence[Mapping[str, Any]], reference: str = PA
              and metric in by_key[protocol, reference, s]]
     if diffs:
       out.setdefault(protocol, {})[model] = {"metric": f"{metric} - {reference}",
-                                             **_interval(diffs, confidence)}
+                                             **_interval(diffs)}
   return out
 
 
 def _paired_lines(paired: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
   lines = ["## Paired differences", "",
            f"Per seed, each model minus {PAIRED_REFERENCE} on the same split (retrieval: minus "
-           "chance), mean and 95% t interval over the seeds both ran; `differs` when the "
-           "interval excludes 0.", ""]
+           f"chance), mean and {PAIRED_CONFIDENCE:.0%} t interval over the seeds both ran; "
+           "`differs` when the interval excludes 0.", ""]
   for protocol, rows in paired.items():
-    lines += [f"### {protocol}", "", "| model | difference | mean | 95% CI | seeds | differs |",
+    lines += [f"### {protocol}", "",
+              f"| model | difference | mean | {PAIRED_CONFIDENCE:.0%} CI | seeds | differs |",
               "|---|---|---|---|---|---|"]
     for model, e in rows.items():
       ci = ("-" if e["ci_low"] is None else f"[{e['ci_low']:+.4f}, {e['ci_high']:+.4f}]")
