@@ -99,10 +99,13 @@ DOT_RESIDUAL = {"model.scoring": "dot", "model.item_bias": True, "model.fusion":
 
 DOT_ITEM_ITEM = {**DOT_RESIDUAL, "model.item_item": "learned"}
 DOT_EASE_PRIOR = {**DOT_RESIDUAL, "model.item_item": "ease"}
+DOT_CONTENT_SCALE = {**DOT_RESIDUAL, "model.item_content_scale": True}
 
 
-@pytest.mark.parametrize("variant", [{}, DOT_RESIDUAL, DOT_ITEM_ITEM, DOT_EASE_PRIOR],
-                         ids=["cosine_gated", "dot_residual", "dot_item_item", "dot_ease_prior"])
+@pytest.mark.parametrize("variant", [{}, DOT_RESIDUAL, DOT_ITEM_ITEM, DOT_EASE_PRIOR,
+                                     DOT_CONTENT_SCALE],
+                         ids=["cosine_gated", "dot_residual", "dot_item_item", "dot_ease_prior",
+                              "dot_content_scale"])
 def test_recommender_scores_equal_training_logits(variant):
   """Catalogue tables + user encodings (the eval path) reproduce the train-time logits."""
   config = tiny_config(**{"model.item_id.dropout": 0.0, **variant})
@@ -113,6 +116,8 @@ def test_recommender_scores_equal_training_logits(variant):
     model.item_item[...] = jax.random.normal(jax.random.key(1), (NUM_ITEMS, NUM_ITEMS))
   if model.item_item_scale is not None:
     model.item_item_scale[...] = 3.0
+  if model.item_content_scale is not None:
+    model.item_content_scale[...] = jnp.linspace(-0.5, 2.0, NUM_ITEMS)
   batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
   for key in ("text_ids", "text_mask", "image", "video", "presence", "item_has_id"):
     batch[key][1] = batch[key][0]  # row 1 repeats item 0: same item, same content
@@ -236,6 +241,33 @@ def test_residual_fusion_keeps_the_id_outside_the_gate():
   np.testing.assert_allclose(np.asarray(out["logits"])[:, 2], want, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="item_id.use"):
     _model(tiny_config(**{"model.fusion": "residual", "model.item_id.use": False}))
+
+
+def test_item_content_scale_weighs_the_content_of_warm_items_only():
+  """score(u, i) = <u, e_id> + c_i * sum_m w_m <u, e_m> + b_i where i has its ID; a cold item's
+  content keeps weight 1, and the gate's weights do not depend on c."""
+  config = tiny_config(**{**DOT_CONTENT_SCALE, "model.item_id.dropout": 0.0})
+  model = _model(config)
+  model.eval()
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=np.ones((B, 3), bool))
+  batch["item_id"][:] = np.arange(B)
+  batch["item_has_id"][:] = True
+  batch["item_has_id"][3] = False                      # a cold item
+  plain = model(batch)                                 # every c_i = 1: the residual model
+  scale = np.linspace(-0.5, 2.0, NUM_ITEMS).astype(np.float32)
+  model.item_content_scale[...] = jnp.asarray(scale)
+  scaled = model(batch)
+  np.testing.assert_array_equal(plain["gate_weights"], scaled["gate_weights"])
+  zero = model.item_content_scale[...].at[:].set(0.0)
+  model.item_content_scale[...] = zero
+  id_only = np.asarray(model(batch)["logits"])          # content off for warm items
+  content = np.asarray(plain["logits"]) - id_only       # content part of every warm item
+  c = np.where(batch["item_has_id"], scale[batch["item_id"]], 1.0)
+  np.testing.assert_allclose(np.asarray(scaled["logits"]), id_only + c[None, :] * content,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(id_only[:, 3], np.asarray(plain["logits"])[:, 3], rtol=1e-6)
+  with pytest.raises(ValueError, match="item_content_scale"):
+    _model(tiny_config(**{"model.item_content_scale": True}))   # gated fusion: no ID outside
 
 
 def test_item_item_term_is_the_history_rows_of_w():

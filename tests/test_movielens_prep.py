@@ -129,9 +129,9 @@ def test_split_labels_are_complete_and_deterministic(protocol):
   assert a.labels.shape == (len(log),) and set(a.labels) <= set(splits.SPLIT_LABELS)
   np.testing.assert_array_equal(a.labels, b.labels)
   assert {"train", "test"} <= set(a.labels)
-  if protocol != "loo":  # the only protocol without randomness
-    c = splits.make_split(protocol, log, has_text, has_image, seed=1)
-    assert (a.labels != c.labels).any()
+  # loo's seed orders tied timestamps only; the synthetic log has many ties.
+  c = splits.make_split(protocol, log, has_text, has_image, seed=1)
+  assert (a.labels != c.labels).any()
 
 
 @pytest.mark.parametrize("protocol", ["warm_ratio", "cold_items", "cold_users"])
@@ -175,6 +175,27 @@ def test_loo_holds_out_the_latest_interactions():
     assert (labels == "valid").sum() == (1 if rows.size >= 3 else 0)
     train_t = log.timestamp[rows][labels == "train"]
     assert log.timestamp[rows][labels == "test"][0] >= train_t.max()
+
+
+def test_loo_breaks_timestamp_ties_without_favouring_an_item_id():
+  # Every user rates 4 items in the same second: which one is "last" is a tie. Breaking it by
+  # id (what file order became once the log was sorted) would always hold out the highest id.
+  rng = np.random.default_rng(0)
+  users = np.repeat(np.arange(1, 2001), 4)
+  # In the canonical order data_prep writes, (user, timestamp, item).
+  items = np.concatenate([np.sort(rng.choice(500, 4, replace=False)) + 1 for _ in range(2000)])
+  log = splits.LogArrays(users.astype(np.int64), items.astype(np.int64),
+                         np.ones(users.size, np.float32), np.zeros(users.size, np.int64))
+  labels = splits.loo(log, seed=0).labels
+  rank_by_id = np.argsort(np.argsort(items.reshape(-1, 4), axis=1), axis=1).ravel()
+  for label in ("test", "valid"):
+    shares = np.bincount(rank_by_id[labels == label], minlength=4) / 2000
+    np.testing.assert_allclose(shares, 0.25, atol=0.04)   # each id rank held out 1/4 of the time
+  # The same rows in another order get the same labels; another seed draws other ties.
+  perm = rng.permutation(users.size)
+  shuffled = splits.LogArrays(log.user[perm], log.item[perm], log.rating[perm], log.timestamp[perm])
+  np.testing.assert_array_equal(splits.loo(shuffled, seed=0).labels, labels[perm])
+  assert (splits.loo(log, seed=1).labels != labels).mean() > 0.3
 
 
 def test_cold_items_are_absent_from_train_and_have_both_modalities():

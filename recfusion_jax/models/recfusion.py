@@ -113,6 +113,17 @@ class RecFusion(nnx.Module):
                             if self.item_item_mode == "ease" else None)
     self.content_scale = (nnx.Param(jnp.ones((len(self.modalities),), jnp.float32))
                           if self.scoring == "dot" and self.modalities else None)
+    # Residual fusion adds an item's gated content at weight 1 next to its ID vector, so a warm
+    # item with a strong ID signal cannot turn its content down (docs/TUNING.md §10 measured the
+    # cost). A learned per-item weight on the content term lets it; items without a trained ID
+    # (cold) keep weight 1, the scale the in-batch content-only term trains the encoder at.
+    # Starts at 1 (the plain residual model) and, being 1-D, is not weight-decayed.
+    content_scaled = bool(cfg.get("item_content_scale", False))
+    if content_scaled and (cfg.fusion != "residual" or not self.modalities):
+      raise ValueError("model.item_content_scale weighs content next to the ID source: it "
+                       "needs model.fusion='residual' and at least one modality")
+    self.item_content_scale = (nnx.Param(jnp.ones((num_items,), jnp.float32))
+                               if content_scaled else None)
     # ID dropout (as in DropoutNet): hiding the ID source for a share of training positives
     # teaches the gate and the user model to score from content alone -- what cold items need.
     self.id_dropout = nnx.Dropout(cfg.item_id.dropout, rngs=rngs)
@@ -160,6 +171,12 @@ class RecFusion(nnx.Module):
   def item_table(self, item_id: jax.Array, has_id: jax.Array, content_emb: jax.Array,
                  presence: jax.Array) -> dict[str, jax.Array]:
     table = self.fusion.item_table(*self.item_sources(item_id, has_id, content_emb, presence))
+    if self.item_content_scale is not None:
+      # After the gate's inputs were taken: the weight scales the content's score, not its gate.
+      scale = jnp.where(has_id, self.item_content_scale[...][item_id], 1.0)
+      per_source = jnp.concatenate([jnp.broadcast_to(scale[..., None], presence.shape),
+                                    jnp.ones_like(scale)[..., None]], axis=-1)
+      table["emb"] = table["emb"] * per_source[..., None]
     if self.item_bias is not None:
       # Popularity is an ID-side fact: an item without a trained ID (cold) gets no bias.
       table["score_bias"] = self.item_bias[...][item_id] * has_id.astype(jnp.float32)
