@@ -270,6 +270,27 @@ def test_item_content_scale_weighs_the_content_of_warm_items_only():
     _model(tiny_config(**{"model.item_content_scale": True}))   # gated fusion: no ID outside
 
 
+@pytest.mark.parametrize("history_fusion", ["sum", "id"])
+def test_history_fusion_id_keeps_content_out_of_the_user(history_fusion):
+  """``id``: user vectors read the history items' IDs only, so rewriting the history items'
+  cached content leaves them unchanged; ``sum`` adds their projected content."""
+  config = tiny_config(**{**DOT_RESIDUAL, "model.history_fusion": history_fusion})
+  model = _model(config)
+  model.eval()
+  model.cache_has_id[...] = jnp.ones(NUM_ITEMS, bool)
+  model.cache_presence[...] = jnp.ones_like(model.cache_presence[...])
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS)
+  args = [jnp.asarray(batch[k]) for k in ("user_id", "user_has_id", "history", "history_mask")]
+  before = np.asarray(model.encode_users(*args)["emb"])
+  model.cache_embeddings[...] = jax.random.normal(jax.random.key(3),
+                                                  model.cache_embeddings[...].shape)
+  after = np.asarray(model.encode_users(*args)["emb"])
+  if history_fusion == "id":
+    np.testing.assert_array_equal(before, after)
+  else:
+    assert np.abs(before - after).max() > 1e-3
+
+
 def test_item_item_term_is_the_history_rows_of_w():
   """score(u, i) gains sum_{j in history(u), j trained} W[j, i] / sqrt(n) where i has its ID,
   and nothing where i has none (a cold item); W is trained by the softmax."""

@@ -50,7 +50,7 @@ from recfusion_jax.models.user import UserEncoder
 
 SCORINGS = ("cosine", "dot")
 ITEM_ITEM = ("off", "learned", "ease")
-HISTORY_FUSIONS = ("gated", "sum")
+HISTORY_FUSIONS = ("gated", "sum", "id")
 
 
 class ItemCache(nnx.Variable):
@@ -137,8 +137,10 @@ class RecFusion(nnx.Module):
         history_dropout=u.get("history_dropout", 0.0), recent=u.get("recent", 0))
     if self.history_fusion == "gated":
       self.history_context = nnx.Linear(2 * d, d, rngs=rngs)
-    elif self.modalities:
+    elif self.history_fusion == "sum" and self.modalities:
       self.history_content = nnx.Linear(d, d, rngs=rngs)
+    if self.history_fusion == "id" and not self.use_item_id:
+      raise ValueError("model.history_fusion='id' reads history from item IDs: needs item_id.use")
     self.log_temperature = nnx.Param(jnp.log(jnp.asarray(cfg.temperature, jnp.float32)))
     self.contrastive_log_temperature = nnx.Param(
         jnp.log(jnp.asarray(cfg.contrastive_temperature, jnp.float32)))
@@ -194,11 +196,12 @@ class RecFusion(nnx.Module):
     m = len(self.modalities)
     hist_content = jax.lax.stop_gradient(self.cache_embeddings[...][history][..., :m, :])
     hist_present = self.cache_presence[...][history][..., :m] & history_mask[..., None]
-    if self.history_fusion == "sum":
-      # The ID input embedding plus a projection of the mean present content.
+    if self.history_fusion in ("sum", "id"):
+      # The ID input embedding plus (sum) a projection of the mean present content; ``id`` keeps
+      # content out of the user model, which then reads the items' IDs as an ID-only model does.
       count = jnp.maximum(jnp.sum(hist_present, axis=-1, keepdims=True), 1)
       vectors = jnp.zeros(history.shape + (self.embed_dim,))
-      if self.modalities:
+      if self.modalities and self.history_fusion == "sum":
         mean = jnp.sum(hist_content * hist_present[..., None], axis=2) / count
         vectors = self.history_content(mean) * jnp.any(hist_present, -1, keepdims=True)
       if self.use_item_id:
