@@ -22,6 +22,7 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   m.scoring = "cosine"       # cosine: unit vectors + temperature | dot: norms + item bias
   m.item_bias = False        # a learned per-item (popularity) score term
   m.item_content_scale = False  # residual: a learned per-item weight on content (warm items)
+  m.item_content_scale_init = 1.0  # its starting value (1: the plain residual model)
   m.item_item = "off"        # dot: a full-rank N x N history-to-item term: off | learned | ease
   m.item_item_reg = 500.0    # ease: EASE's L2 strength (the runner's valid choice for EASE)
   m.history_fusion = "gated"   # history item vectors: gated (by a context) | sum (ID + content) | id

@@ -117,13 +117,15 @@ class RecFusion(nnx.Module):
     # item with a strong ID signal cannot turn its content down (docs/TUNING.md §10 measured the
     # cost). A learned per-item weight on the content term lets it; items without a trained ID
     # (cold) keep weight 1, the scale the in-batch content-only term trains the encoder at.
-    # Starts at 1 (the plain residual model) and, being 1-D, is not weight-decayed.
+    # Starts at ``item_content_scale_init`` (1: the plain residual model; 0: the ID-only model,
+    # content learned in where it helps) and, being 1-D, is not weight-decayed.
     content_scaled = bool(cfg.get("item_content_scale", False))
     if content_scaled and (cfg.fusion != "residual" or not self.modalities):
       raise ValueError("model.item_content_scale weighs content next to the ID source: it "
                        "needs model.fusion='residual' and at least one modality")
-    self.item_content_scale = (nnx.Param(jnp.ones((num_items,), jnp.float32))
-                               if content_scaled else None)
+    self.item_content_scale = (
+        nnx.Param(jnp.full((num_items,), cfg.get("item_content_scale_init", 1.0), jnp.float32))
+        if content_scaled else None)
     # ID dropout (as in DropoutNet): hiding the ID source for a share of training positives
     # teaches the gate and the user model to score from content alone -- what cold items need.
     self.id_dropout = nnx.Dropout(cfg.item_id.dropout, rngs=rngs)
