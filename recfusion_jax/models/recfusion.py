@@ -114,9 +114,10 @@ class RecFusion(nnx.Module):
     self.content_scale = (nnx.Param(jnp.ones((len(self.modalities),), jnp.float32))
                           if self.scoring == "dot" and self.modalities else None)
     # Residual fusion adds an item's gated content at weight 1 next to its ID vector, so a warm
-    # item with a strong ID signal cannot turn its content down (docs/TUNING.md §10 measured the
-    # cost). A learned per-item weight on the content term lets it; items without a trained ID
-    # (cold) keep weight 1, the scale the in-batch content-only term trains the encoder at.
+    # item with a strong ID signal cannot turn its content down. A learned per-item weight on
+    # the content term lets it (docs/TUNING.md §10: no gain on MovieLens); items without a
+    # trained ID (cold) keep weight 1, the scale the in-batch content-only term trains the
+    # encoder at.
     # Starts at ``item_content_scale_init`` (1: the plain residual model; 0: the ID-only model,
     # content learned in where it helps) and, being 1-D, is not weight-decayed.
     content_scaled = bool(cfg.get("item_content_scale", False))
