@@ -25,7 +25,8 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   m.item_content_scale_init = 1.0  # its starting value (1: the plain residual model)
   m.item_item = "off"        # dot: a full-rank N x N history-to-item term: off | learned | ease
   m.item_item_reg = 500.0    # ease: EASE's L2 strength (the runner's valid choice for EASE)
-  m.history_fusion = "gated"   # history item vectors: gated (by a context) | sum (ID + content) | id
+  m.history_fusion = "gated"   # history item vectors: gated (by a context) | sum (ID + content)
+  #                              | id (IDs only: no content in the user model)
   m.gate_dim = 16
   m.gate_hidden = 32
   m.temperature = 0.1        # initial value of the learned score temperature

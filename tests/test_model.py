@@ -258,8 +258,7 @@ def test_item_content_scale_weighs_the_content_of_warm_items_only():
   model.item_content_scale[...] = jnp.asarray(scale)
   scaled = model(batch)
   np.testing.assert_array_equal(plain["gate_weights"], scaled["gate_weights"])
-  zero = model.item_content_scale[...].at[:].set(0.0)
-  model.item_content_scale[...] = zero
+  model.item_content_scale[...] = jnp.zeros(NUM_ITEMS)
   id_only = np.asarray(model(batch)["logits"])          # content off for warm items
   content = np.asarray(plain["logits"]) - id_only       # content part of every warm item
   c = np.where(batch["item_has_id"], scale[batch["item_id"]], 1.0)

@@ -202,9 +202,9 @@ class RecFusion(nnx.Module):
     if self.history_fusion in ("sum", "id"):
       # The ID input embedding plus (sum) a projection of the mean present content; ``id`` keeps
       # content out of the user model, which then reads the items' IDs as an ID-only model does.
-      count = jnp.maximum(jnp.sum(hist_present, axis=-1, keepdims=True), 1)
       vectors = jnp.zeros(history.shape + (self.embed_dim,))
       if self.modalities and self.history_fusion == "sum":
+        count = jnp.maximum(jnp.sum(hist_present, axis=-1, keepdims=True), 1)
         mean = jnp.sum(hist_content * hist_present[..., None], axis=2) / count
         vectors = self.history_content(mean) * jnp.any(hist_present, -1, keepdims=True)
       if self.use_item_id:
