@@ -103,7 +103,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cache_refresh_every = 100    # full re-encode of the item cache (steps)
 
   config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-3, warmup_steps=30, weight_decay=1e-4, clip_norm=1.0, b2=0.98))
+      learning_rate=3e-3, warmup_steps=30, weight_decay=1e-4, clip_norm=1.0, b2=0.98,
+      # The content encoder's own decay; unset: ``weight_decay``. A strong decay that
+      # regularises the ID table and user model can erase what the encoder learned.
+      encoder_weight_decay=ml_collections.config_dict.placeholder(float)))
   config.nonfinite = "stop"           # a NaN/Inf loss or gradient: stop | skip (drop the update)
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices

@@ -51,6 +51,10 @@ def _number(minimum: float | None = None, *, strict: bool = False,
   return check
 
 
+def _unset_or(check: Callable[[Any], str | None]) -> Callable[[Any], str | None]:
+  return lambda value: None if value is None else check(value)
+
+
 def _choice(*choices: Any) -> Callable[[Any], str | None]:
   def check(value):
     return None if value in choices else f"must be one of {list(choices)}, got {value!r}"
@@ -107,6 +111,7 @@ SCHEMA: dict[str, Any] = {
         "learning_rate": _number(0.0, strict=True),
         "warmup_steps": _int(0),
         "weight_decay": _number(0.0),
+        "encoder_weight_decay": _unset_or(_number(0.0)),
         "clip_norm": _number(0.0, strict=True),
         "b2": _number(0.0, strict=True, maximum=1.0),
     },

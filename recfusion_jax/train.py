@@ -60,17 +60,34 @@ from recfusion_jax.models.recfusion import RecFusion, source_names
 
 
 def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
-  """AdamW with linear warm-up + cosine decay and global-norm clipping; returns (tx, schedule)."""
+  """AdamW with linear warm-up + cosine decay and global-norm clipping; returns (tx, schedule).
+
+  ``optimizer.encoder_weight_decay`` (unset: ``weight_decay``) decays the content encoder's
+  matrices; ``weight_decay`` every other matrix. optax.adamw takes one rate, so this is its own
+  chain (scale_by_adam, add_decayed_weights, scale_by_learning_rate) with two masked decays.
+  """
   o = config.optimizer
   schedule = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
       decay_steps=max(num_steps, o.warmup_steps + 1), end_value=o.learning_rate * 0.01)
+  encoder_decay = o.get("encoder_weight_decay")
+  encoder_decay = o.weight_decay if encoder_decay is None else encoder_decay
   # Decay matrices only: decaying LayerNorm scales, biases and temperatures hurts more than helps.
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  def decay_mask(in_encoder: bool):
+    return lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, p: p.ndim >= 2 and _is_encoder_path(path) == in_encoder, params)
   tx = optax.chain(
       optax.clip_by_global_norm(o.clip_norm),
-      optax.adamw(schedule, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
+      optax.scale_by_adam(b2=o.b2),
+      optax.add_decayed_weights(o.weight_decay, mask=decay_mask(False)),
+      optax.add_decayed_weights(encoder_decay, mask=decay_mask(True)),
+      optax.scale_by_learning_rate(schedule))
   return tx, schedule
+
+
+def _is_encoder_path(path: tuple[Any, ...]) -> bool:
+  """Whether a parameter's tree path lies under ``RecFusion.encoder`` (the content encoder)."""
+  return bool(path) and getattr(path[0], "key", None) == "encoder"
 
 
 def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecFusion:

@@ -9,6 +9,7 @@ import numpy as np
 from flax import nnx
 
 from recfusion_jax import checkpointing, model_eval, sharding, train
+from recfusion_jax.data import sources
 from tests.helpers import tiny_config
 
 
@@ -160,3 +161,40 @@ def test_validation_returns_the_best_state(tmp_path):
 def _examples_per_epoch(dataset):
   from recfusion_jax.data import examples, pipeline  # pylint: disable=import-outside-toplevel
   return pipeline.examples_per_epoch(examples.TrainExampleIndex.build(dataset))
+
+
+def test_encoder_weight_decay_decays_the_content_encoder_only():
+  # Unset, the chain is optax.adamw; set, the encoder's matrices take their own rate and the
+  # other matrices keep weight_decay. Zero gradients isolate the decay from Adam's step.
+  import optax  # pylint: disable=import-outside-toplevel
+  config = _config(10)
+  config.optimizer.weight_decay = 0.5
+  model = train.create_model(config, sources.load_dataset(config))
+  params = nnx.state(model, nnx.Param)
+  grads = jax.tree.map(np.zeros_like, params)
+  mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
+  schedule = train.make_optimizer(config, 10)[1]
+  reference = optax.chain(   # make_optimizer as it was before encoder_weight_decay
+      optax.clip_by_global_norm(config.optimizer.clip_norm),
+      optax.adamw(schedule, b2=config.optimizer.b2, weight_decay=0.5, mask=mask))
+  tx, _ = train.make_optimizer(config, 10)
+  state, ref_state = tx.init(params), reference.init(params)
+  for _ in range(3):   # past the warm-up's zero learning rate at step 0
+    ours, state = tx.update(grads, state, params)
+    theirs, ref_state = reference.update(grads, ref_state, params)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+  assert any(np.any(u != 0) for u in jax.tree.leaves(ours))
+
+  config.optimizer.encoder_weight_decay = 0.0
+  tx, _ = train.make_optimizer(config, 10)
+  state = tx.init(params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+  moved = {jax.tree_util.keystr(path): bool(np.any(u != 0))
+           for path, u in jax.tree_util.tree_leaves_with_path(updates)}
+  encoder = {k: v for k, v in moved.items() if k.startswith("['encoder']")}
+  others = {k: v for k, v in moved.items() if not k.startswith("['encoder']")}
+  assert encoder and not any(encoder.values()), encoder
+  assert others["['item_embeddings']['embedding'].value"], others
+  assert not others["['log_temperature'].value"]   # a scalar: never decayed
