@@ -25,6 +25,9 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   m.item_content_scale_init = 1.0  # its starting value (1: the plain residual model)
   m.item_item = "off"        # dot: a full-rank N x N history-to-item term: off | learned | ease
   m.item_item_reg = 500.0    # ease: EASE's L2 strength (the runner's valid choice for EASE)
+  # False: the in-batch term (content alone) trains the encoder and gate toward the user model
+  # but does not move the user model, which the catalogue term alone then trains.
+  m.in_batch_user_gradient = True
   m.history_fusion = "gated"   # history item vectors: gated (by a context) | sum (ID + content)
   #                              | id (IDs only: no content in the user model)
   m.gate_dim = 16

@@ -290,6 +290,29 @@ def test_history_fusion_id_keeps_content_out_of_the_user(history_fusion):
     assert np.abs(before - after).max() > 1e-3
 
 
+@pytest.mark.parametrize("fields", [{}, DOT_RESIDUAL], ids=["gated_cosine", "dot_residual"])
+def test_in_batch_user_gradient_off_stops_only_the_user_model(fields):
+  """``model.in_batch_user_gradient=False``: the in-batch logits are unchanged, their gradient
+  reaches the encoder and the gate exactly as before, and the user model gets none of it."""
+  logits, grads = {}, {}
+  for flag in (True, False):
+    config = tiny_config(**{**fields, "model.in_batch_user_gradient": flag})
+    model = _model(config)
+    model.eval()
+    batch = random_batch(config, B, NUM_USERS, NUM_ITEMS)
+    logits[flag] = np.asarray(model(batch)["logits"])
+    grads[flag] = nnx.grad(lambda m: jnp.sum(m(batch)["logits"] ** 2),  # pylint: disable=cell-var-from-loop
+                           argnums=nnx.DiffState(0, nnx.Param))(model)
+  np.testing.assert_array_equal(logits[True], logits[False])
+  norm = lambda tree: float(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree)))
+  assert norm(grads[True]["user_encoder"]) > 0.0
+  assert norm(grads[False]["user_encoder"]) == 0.0
+  for part in ("encoder", "fusion"):
+    assert norm(grads[False][part]) > 0.0
+    for a, b in zip(jax.tree.leaves(grads[True][part]), jax.tree.leaves(grads[False][part])):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 def test_item_item_term_is_the_history_rows_of_w():
   """score(u, i) gains sum_{j in history(u), j trained} W[j, i] / sqrt(n) where i has its ID,
   and nothing where i has none (a cold item); W is trained by the softmax."""

@@ -77,6 +77,7 @@ class RecFusion(nnx.Module):
     if self.scoring not in SCORINGS:
       raise ValueError(f"model.scoring={self.scoring!r}; choose from {SCORINGS}")
     self.history_fusion = cfg.get("history_fusion", "gated")
+    self.in_batch_user_gradient = bool(cfg.get("in_batch_user_gradient", True))
     if self.history_fusion not in HISTORY_FUSIONS:
       raise ValueError(f"model.history_fusion={self.history_fusion!r}; choose from "
                        f"{HISTORY_FUSIONS}")
@@ -330,6 +331,12 @@ class RecFusion(nnx.Module):
     elif self.use_item_id:
       has_id = has_id & (self.id_dropout(jnp.ones(has_id.shape)) > 0)
     table = self.item_table(item_id, has_id, content_emb, presence)
+    if not self.in_batch_user_gradient:
+      # Content follows the user space that the ID-side catalogue term learns, instead of
+      # pulling that space toward what content alone can score (docs/TUNING.md §13).
+      # The gate's query is recomputed from the stopped vector: its own weights still learn.
+      emb = jax.lax.stop_gradient(last["emb"])
+      last = {**last, "emb": emb, "query": self.fusion.user_query(emb)}
     out = {"content_emb": content_emb, "presence": presence,
            "in_batch_users": last, "in_batch_table": table,
            "gate_weights": self.fusion.row_weights(last.get("query"), table)}
