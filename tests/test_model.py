@@ -457,6 +457,25 @@ def test_causal_pooled_user_is_the_pooled_user_of_each_prefix():
                              np.asarray(states[:, -1]), atol=1e-6)
 
 
+@pytest.mark.parametrize("scoring", ["dot", "cosine"])
+def test_transformer_user_under_dot_scoring_starts_at_the_origin(scoring):
+  """Dot scoring: the Transformer user's output layer starts at zero (every user at the
+  origin, and its kernel still gets a gradient); cosine scoring keeps a random start."""
+  fields = DOT_RESIDUAL if scoring == "dot" else {}
+  config = tiny_config(**{**fields, "model.user.kind": "transformer", "model.user.causal": True})
+  model = _model(config)
+  model.eval()
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS)
+  args = [jnp.asarray(batch[k]) for k in ("user_id", "user_has_id", "history", "history_mask")]
+  norms = np.linalg.norm(np.asarray(model.encode_users(*args)["emb"]), axis=-1)
+  if scoring == "dot":
+    np.testing.assert_array_equal(norms, 0.0)
+    grads = nnx.grad(lambda m: jnp.sum(m(batch)["logits"]))(model)
+    assert np.abs(np.asarray(grads["user_encoder"]["out"]["kernel"])).max() > 0.0
+  else:
+    np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind,form", [("cloze", "softmax"), ("next", "softmax"),
                                        ("cloze", "squared")])
 def test_per_user_batches_train(kind, form):

@@ -59,7 +59,13 @@ class UserEncoder(nnx.Module):
                          mlp_dim=2 * embed_dim, pre_ln=True, ln_eps=1e-6, activation="gelu",
                          dropout=dropout, rngs=rngs)
     self.recent_weights = nnx.Param(jnp.zeros((recent,))) if recent else None
-    self.out = nnx.Linear(embed_dim, embed_dim, rngs=rngs)
+    # Dot scoring reads the user's norm. After the Transformer's final LayerNorm a default
+    # `out` starts every user at norm ~sqrt(d), random scores that the catalogue loss first
+    # removes by making every user the same (docs/TUNING.md §13): start them at the origin,
+    # as the pooled user nearly does. Cosine scoring normalises, so a zero user is no start.
+    zero_out = kind == "transformer" and not normalize
+    self.out = nnx.Linear(embed_dim, embed_dim, rngs=rngs,
+                          **({"kernel_init": nnx.initializers.zeros} if zero_out else {}))
 
   def id_embedding(self, user_id: jax.Array, has_id: jax.Array) -> jax.Array:
     """[B, d]; zero for users without a trained ID (cold users) or when IDs are switched off."""
