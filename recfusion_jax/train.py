@@ -75,7 +75,8 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
   # Decay matrices only: decaying LayerNorm scales, biases and temperatures hurts more than helps.
   def decay_mask(in_encoder: bool):
     return lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim >= 2 and _is_encoder_path(path) == in_encoder, params)
+        lambda path, p: p.ndim >= 2 and (
+            sharding.path_name(path).startswith("encoder/") == in_encoder), params)
   tx = optax.chain(
       optax.clip_by_global_norm(o.clip_norm),
       optax.scale_by_adam(b2=o.b2),
@@ -83,11 +84,6 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
       optax.add_decayed_weights(encoder_decay, mask=decay_mask(True)),
       optax.scale_by_learning_rate(schedule))
   return tx, schedule
-
-
-def _is_encoder_path(path: tuple[Any, ...]) -> bool:
-  """Whether a parameter's tree path lies under ``RecFusion.encoder`` (the content encoder)."""
-  return bool(path) and getattr(path[0], "key", None) == "encoder"
 
 
 def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecFusion:

@@ -173,11 +173,10 @@ def test_encoder_weight_decay_decays_the_content_encoder_only():
   params = nnx.state(model, nnx.Param)
   grads = jax.tree.map(np.zeros_like, params)
   mask = lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)
-  schedule = train.make_optimizer(config, 10)[1]
+  tx, schedule = train.make_optimizer(config, 10)
   reference = optax.chain(   # make_optimizer as it was before encoder_weight_decay
       optax.clip_by_global_norm(config.optimizer.clip_norm),
       optax.adamw(schedule, b2=config.optimizer.b2, weight_decay=0.5, mask=mask))
-  tx, _ = train.make_optimizer(config, 10)
   state, ref_state = tx.init(params), reference.init(params)
   for _ in range(3):   # past the warm-up's zero learning rate at step 0
     ours, state = tx.update(grads, state, params)
