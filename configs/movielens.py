@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Random splits hold out items from anywhere in a user's timeline: train on "all the user's
   # other items" as history, as evaluation sees them; loo is next-item prediction.
   config.data.history = config_lib.history_for_protocol(config.data.protocol)
+  # (A recipe's per-protocol fields are applied by main and the runner, config_lib.set_protocol,
+  # after the command line's overrides: the table is in config.protocol_fields.)
 
   m = config.model = tiny.model_config(vocab_size=MINILM_VOCAB, text_len=config.data.text_len,
                                        image_size=64)
@@ -81,6 +83,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.cache_refresh_every = 250
   config.log_every = 50
   config.checkpoint_every = 500
-  config_lib.apply_recipe(config, switches["recipe"], config.data.protocol)
+  config_lib.apply_recipe(config, switches["recipe"])
   config_lib.apply_ablation(config, switches["ablation"])
   return config

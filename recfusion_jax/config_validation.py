@@ -129,6 +129,9 @@ SCHEMA: dict[str, Any] = {
     "nonfinite": _choice(*NONFINITE_MODES),
     "init_from": _anything,
     "recipe": _choice("paper", "dot"),
+    # {protocol: fields} of the recipe (config_lib.set_protocol), checked in validate().
+    "protocol_fields": None,
+    "protocol_fields_for": _anything,
 }
 # Keys every config must have (the others are optional, with the loop's defaults).
 REQUIRED = ("seed", "data.source", "batch_size", "num_steps", "optimizer.learning_rate",
@@ -196,6 +199,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
       problems.append("model.user.history_len must be >= 1")
   except (KeyError, TypeError):
     pass
+  _check_protocol_fields(config, problems)
   if config.get("data") is not None and config.data.get("source") == "synthetic":
     from recfusion_jax.data import synthetic  # pylint: disable=import-outside-toplevel
     try:
@@ -218,6 +222,27 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int | None = Non
   _check_micro_batch(config, batch, num_devices, problems)
   if problems:
     raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def _check_protocol_fields(config: Any, problems: list[str]) -> None:
+  """Every field the recipe's per-protocol table names exists, and the table of the config's
+  own protocol was applied: a config built by ``get_config`` and trained without
+  ``config_lib.set_protocol`` would silently train the other protocols' fields."""
+  table = config.get("protocol_fields")
+  if not table:
+    return
+  for protocol, section in table.items():
+    for dotted in _flat_fields(section):
+      try:
+        _get(config, dotted)
+      except KeyError:
+        problems.append(f"protocol_fields.{protocol}.{dotted}: no such field "
+                        f"{dotted!r}{_closest(dotted, _flat_fields(config))}")
+  data = config.get("data")
+  protocol = data.get("protocol") if data is not None and hasattr(data, "get") else None
+  if protocol in table and config.get("protocol_fields_for") != protocol:
+    problems.append(f"protocol_fields.{protocol} was not applied: point the config at its "
+                    "protocol with config_lib.set_protocol (main and the runner do)")
 
 
 def _check_micro_batch(config: Any, batch: Any, num_devices: int | None,

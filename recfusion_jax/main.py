@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from recfusion_jax import config_validation
+from recfusion_jax import config_lib, config_validation
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training configuration file.",
                                           lock_config=True)
@@ -48,9 +48,14 @@ def main(argv):
   writers.setup_logging()
   config = _CONFIG.value
   try:
+    if config.get("data") is not None and config.data.get("protocol"):
+      # The recipe's fields for this protocol; the command line's overrides still win.
+      with config.unlocked():
+        config_lib.set_protocol(config, config.data.protocol,
+                                keep=config_flags.get_override_values(flags.FLAGS["config"]))
     # Device-free checks, before JAX starts anything; the CLI must train (num_steps >= 1).
     config_validation.validate(config, training=True)
-  except config_validation.ConfigError as e:
+  except ValueError as e:   # ConfigError, or a recipe table naming no field
     _fail(str(e), 2)
   distributed = _DISTRIBUTED.value
   if distributed is None:

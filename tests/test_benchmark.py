@@ -250,6 +250,8 @@ def test_cli_sharded_run_merges_into_the_unsharded_result(tmp_path):
   opts, cache = _cli(str(tmp_path / "whole"), *args)
   # The suite's default config, with the command line's overrides applied.
   assert opts.config.data.source == "synthetic" and opts.config.data.synthetic.num_items == 120
+  # ... named, so that they also win over a recipe's per-protocol fields (content_config).
+  assert opts.config_overrides == ("data.synthetic.num_items", "data.synthetic.num_users")
   assert cache == os.path.join(str(tmp_path / "whole"), "jax_cache") and opts.steps == 0
   whole = runner.run_benchmark(opts)
   workdir = str(tmp_path / "sharded")

@@ -5,6 +5,10 @@ that no longer matches the loop or the model before anything compiles. Two real 
 of every config file, CPU-sized, are tests/test_config_training.py.)
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 from flax import nnx
 
@@ -21,12 +25,13 @@ from recfusion_jax.models.recfusion import RecFusion
     (mmrec, None), (pod, None), (pod, "size=test"), (pod, "size=test,chips_per_replica=4")])
 def test_config_validates(module, arg):
   config = module.get_config(arg)
+  if config.data.get("protocol"):
+    config_lib.set_protocol(config, config.data.protocol)   # as main does
   config_validation.validate(config, training=True)
 
 
-@pytest.mark.parametrize("protocol", ["warm_ratio", "loo"])
-def test_dot_recipe_builds_its_model(protocol):
-  config = movielens.get_config(f"size=small,protocol={protocol},recipe=dot")
+def test_dot_recipe_builds_its_model():
+  config = movielens.get_config("size=small,recipe=dot")
   assert config.data.example == "cloze" and config.model.user.kind == "pool"
   assert not config.model.user.causal
   model = nnx.eval_shape(lambda: RecFusion(config.model, num_users=5, num_items=7,
@@ -39,21 +44,93 @@ def test_unknown_recipe_is_an_error():
   with pytest.raises(ValueError, match="recipe"):
     movielens.get_config("size=small,recipe=dott")
   with pytest.raises(ValueError, match="unknown recipe"):
-    config_lib.apply_recipe(tiny.get_config(), "fancy", "warm_ratio")
+    config_lib.apply_recipe(tiny.get_config(), "fancy")
 
 
-def test_runner_keeps_the_recipe_and_overrides_and_sets_the_history_rule():
-  """A base config built for warm_ratio gets loo's history rule on loo fits (and back); the
-  recipe's fields come from the config, so a --config override of one of them holds."""
+def _fields(config):
+  return (config.data.example, config.model.user.kind, config.model.user.causal,
+          config.model.user.get("recent", 0), config.model.user.history_len, config.data.history,
+          config.catalogue_loss, config.optimizer.weight_decay, config.in_batch_weight,
+          config.num_steps)
+
+
+def test_dot_recipe_sets_each_protocol_its_own_fields():
+  """The runner points one base config at each protocol: loo gets next-item rows on a causal
+  pooled user, cold_items the softmax, the rest the plain fields; whatever the base was built
+  for. Other fields (and a --config override of them) are shared."""
   from recfusion_jax.benchmark.fit import content_config  # pylint: disable=import-outside-toplevel
-  base = movielens.get_config("size=small,recipe=dot")
-  base.data.target_share = 0.5   # as --config.data.target_share=0.5 would
-  loo = content_config("RecFusion", base, "loo", 0)
-  assert (loo.data.example, loo.model.user.kind, loo.data.history,
-          loo.data.target_share) == ("cloze", "pool", "earlier", 0.5)
-  warm = content_config("RecFusion", movielens.get_config("size=small,protocol=loo,recipe=dot"),
-                        "warm_ratio", 0)
-  assert (warm.data.example, warm.model.user.kind, warm.exclude_history, warm.data.history,
-          warm.model.user.history_len) == ("cloze", "pool", True, "all_others", 768)
+  plain = ("cloze", "pool", False, 0, 768, "all_others", "squared", 5.0, 0.1, 500)
+  expected = {
+      "warm_ratio": plain,
+      "cold_users": plain,
+      "loo": ("next", "pool", True, 8, 200, "earlier", "squared", 5.0, 0.0, 300),
+      "cold_items": ("cloze", "pool", False, 0, 768, "all_others", "softmax", 1.0, 1.0, 500),
+  }
+  for built_for in ("warm_ratio", "loo", "cold_items"):
+    base = movielens.get_config(f"size=small,protocol={built_for},recipe=dot")
+    base.data.target_share = 0.5   # as --config.data.target_share=0.5 would
+    for protocol, fields in expected.items():
+      config = content_config("RecFusion", base, protocol, 0)
+      assert _fields(config) == fields, (built_for, protocol)
+      assert config.data.protocol == protocol and config.data.target_share == 0.5
+      config_validation.validate(config, training=True)
+    assert base.protocol_fields_for == ""   # the base itself is never pointed anywhere
   paper = content_config("RecFusion", movielens.get_config("size=small"), "loo", 0)
   assert paper.data.get("example", "interaction") == "interaction"
+  assert paper.data.history == "earlier"
+
+
+def test_command_line_overrides_win_over_the_recipes_protocol_fields():
+  from recfusion_jax.benchmark.fit import content_config  # pylint: disable=import-outside-toplevel
+  base = movielens.get_config("size=small,recipe=dot")
+  base.catalogue_loss = "squared"   # --config.catalogue_loss=squared
+  cold = content_config("RecFusion", base, "cold_items", 0, keep=["catalogue_loss"])
+  assert (cold.catalogue_loss, cold.optimizer.weight_decay, cold.in_batch_weight) == (
+      "squared", 1.0, 1.0)
+  # The table itself can be overridden like any field.
+  base.protocol_fields.cold_items.in_batch_weight = 0.5
+  assert content_config("RecFusion", base, "cold_items", 0).in_batch_weight == 0.5
+
+
+def test_protocol_fields_are_checked():
+  config = movielens.get_config("size=small,protocol=loo,recipe=dot")
+  # Built for loo but never pointed at it: training would silently miss loo's fields.
+  with pytest.raises(config_validation.ConfigError, match="protocol_fields.loo was not applied"):
+    config_validation.validate(config, training=True)
+  config_lib.set_protocol(config, "loo")
+  config_validation.validate(config, training=True)
+  with pytest.raises(ValueError, match="already carries the recipe's loo fields"):
+    config_lib.set_protocol(config, "warm_ratio")
+  config_lib.set_protocol(config, "loo")   # the same protocol again changes nothing
+  assert _fields(config)[:3] == ("next", "pool", True)
+
+  bad = movielens.get_config("size=small,recipe=dot")
+  bad.protocol_fields.cold_items.optimizer.weight_dacay = 2.0
+  with pytest.raises(config_validation.ConfigError,
+                     match=r"protocol_fields.cold_items.optimizer.weight_dacay: no such field "
+                           r"'optimizer.weight_dacay' \(did you mean 'optimizer.weight_decay'"):
+    config_validation.validate(bad, training=True)
+  with pytest.raises(ValueError, match="the config has no field 'optimizer.weight_dacay'"):
+    config_lib.set_protocol(bad, "cold_items")
+
+
+@pytest.mark.parametrize("extra, present, absent", [
+    # The table's (bad) value reaches data.example: main applied loo's fields...
+    ([], "data.example must be one of", None),
+    # ... unless the command line sets the field itself.
+    (["--config.data.example=cloze"], "num_steps must be >= 1", "data.example"),
+])
+def test_main_applies_the_protocol_fields_after_the_command_line(tmp_path, extra, present,
+                                                                 absent):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  result = subprocess.run(
+      [sys.executable, "-m", "recfusion_jax.main",
+       "--config=configs/movielens.py:size=small,protocol=loo,recipe=dot",
+       f"--workdir={tmp_path}", "--config.num_steps=0",
+       "--config.protocol_fields.loo.data.example=bogus", *extra],
+      cwd=root, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root},
+      capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert present in result.stderr, result.stderr[-3000:]
+  if absent:
+    assert absent not in result.stderr.split("invalid config:")[-1], result.stderr[-3000:]

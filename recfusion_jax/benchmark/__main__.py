@@ -97,7 +97,8 @@ def options_from_flags(argv: Sequence[str]) -> tuple[Options, str]:
       baseline_seeds=(None if _BASELINE_SEEDS.value is None
                       else tuple(int(s) for s in _BASELINE_SEEDS.value)),
       shard=(k, n), merge=_MERGE.value, steps=_STEPS.value, quick=_QUICK.value,
-      split=_SPLIT.value, refit=not _NO_REFIT.value, command=command)
+      split=_SPLIT.value, refit=not _NO_REFIT.value, command=command,
+      config_overrides=tuple(sorted(config_flags.get_override_values(flags.FLAGS["config"]))))
   cache = _COMPILATION_CACHE.value
   # JAX's compilation cache goes through etils.epath itself, so a gs:// cache works too.
   return opts, os.fspath(epath.Path(opts.workdir) / "jax_cache") if cache is None else cache

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Sequence
+from typing import Collection, Sequence
 
 from absl import app, flags
 import jax
@@ -44,12 +44,13 @@ def define_flags() -> None:
   flags.DEFINE_integer("eval_every", 250, "Score valid every this many steps.")
   flags.DEFINE_string("out", None, "JSONL file the curve is appended to (optional).")
 
-def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_every: int
-                ) -> list[dict[str, float]]:
-  """Rows {step, epoch, NDCG@10, HR@10, train_s, <last logged losses>} every ``eval_every``."""
+def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_every: int, *,
+                keep: Collection[str] = ()) -> list[dict[str, float]]:
+  """Rows {step, epoch, NDCG@10, HR@10, train_s, <last logged losses>} every ``eval_every``.
+  ``keep``: the --config overrides, which win over the recipe's per-protocol fields."""
   if steps < 1 or eval_every < 1:
     raise ValueError(f"steps and eval_every must be >= 1, got {steps}, {eval_every}")
-  config = content_config(name, base, protocol, seed, steps=steps)
+  config = content_config(name, base, protocol, seed, steps=steps, keep=keep)
   pdata = protocols.load_protocol(config, protocol, seed, split="valid")
   fit = _with_catalogue(pdata.fit, pdata.fit.catalogue, config.data.get("text_len"))
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
@@ -94,7 +95,8 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
 def main(argv: Sequence[str]) -> None:
   del argv
   f = flags.FLAGS
-  curve = valid_curve(f.model, f.config, f.protocol, f.seed, f.steps, f.eval_every)
+  curve = valid_curve(f.model, f.config, f.protocol, f.seed, f.steps, f.eval_every,
+                      keep=config_flags.get_override_values(f["config"]))
   best = max(curve, key=lambda row: row["NDCG@10"])
   print("best", json.dumps(best))
   if f.out:

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -63,14 +63,16 @@ def fit_baseline(name: str, pdata: ProtocolData, run_dir: str | os.PathLike, *,
 
 
 def content_config(name: str, base: ml_collections.ConfigDict, protocol: str, seed: int, *,
-                   steps: int | None = None, quick: bool = False) -> ml_collections.ConfigDict:
+                   steps: int | None = None, quick: bool = False,
+                   keep: Collection[str] = ()) -> ml_collections.ConfigDict:
   """The RecFusion config of content model ``name``: the suite's ``base`` config (from
-  ``--config``, overrides included) with the model's change applied."""
+  ``--config``, overrides included), pointed at ``protocol`` (its history rule and the recipe's
+  fields for it, except the ``--config`` overrides named in ``keep``), with the model's change
+  applied."""
   config = base.copy_and_resolve_references()
   if config.data.source == "movielens":
-    config.data.protocol = protocol
+    config_lib.set_protocol(config, protocol, keep=keep)
     config.data.split_seed = split_seed(protocol, seed)
-    config.data.history = config_lib.history_for_protocol(protocol)
   config.seed = seed
   registry.CONTENT_MODELS[name](config)
   if quick:
@@ -96,9 +98,12 @@ def _with_catalogue(dataset: RecDataset, catalogue: Catalogue, text_len: int | N
 
 def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.ConfigDict,
                       run_dir: str | os.PathLike, *, steps: int | None = None,
-                      quick: bool = False) -> tuple[Ranker, Any, Catalogue, dict[str, Any]]:
-  """Trains (or resumes) a RecFusion config; returns (ranker, model, eval catalogue, info)."""
-  config = content_config(name, base, pdata.protocol, pdata.seed, steps=steps, quick=quick)
+                      quick: bool = False, keep: Collection[str] = ()
+                      ) -> tuple[Ranker, Any, Catalogue, dict[str, Any]]:
+  """Trains (or resumes) a RecFusion config; returns (ranker, model, eval catalogue, info).
+  ``keep``: the --config overrides, which win over the recipe's per-protocol fields."""
+  config = content_config(name, base, pdata.protocol, pdata.seed, steps=steps, quick=quick,
+                          keep=keep)
   text_len = config.data.get("text_len")
   fit = _with_catalogue(pdata.fit, pdata.fit.catalogue, text_len)
   info: dict[str, Any] = {"num_steps": config.num_steps, "batch_size": config.batch_size}

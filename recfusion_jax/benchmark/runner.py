@@ -89,6 +89,9 @@ class Options:
   split: str = "test"
   refit: bool = True
   command: str = ""
+  # Dotted names of the --config.* overrides: they win over the recipe's per-protocol fields
+  # (config_lib.set_protocol), as they win over the config file.
+  config_overrides: tuple[str, ...] = ()
 
 
 def seeds_of(opts: Options, model: str) -> tuple[int, ...]:
@@ -161,7 +164,8 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
       metrics = fit.evaluate_ranker(id_fits[key], pdata)
     else:
       ranker, fitted, catalogue, info = fit.fit_content_model(
-          model, pdata, opts.config, run_dir, steps=opts.steps, quick=opts.quick)
+          model, pdata, opts.config, run_dir, steps=opts.steps, quick=opts.quick,
+          keep=opts.config_overrides)
       if fitted_on != data_protocol:
         info["fit"] = f"the {fitted_on} fit (identical split)"
       if protocol == "retrieval":
