@@ -219,7 +219,8 @@ def _shard_name(opts: Options) -> str:
   three seeds on some protocols, one on others) can share a workdir and one --merge."""
   k, n = opts.shard
   key = json.dumps([opts.models, opts.protocols, opts.seeds, opts.baseline_seeds, opts.steps,
-                    opts.config.to_json_best_effort(sort_keys=True), opts.split, opts.refit])
+                    opts.config.to_json_best_effort(sort_keys=True), opts.split, opts.refit,
+                    opts.config_overrides])
   return f"shard{k}of{n}.{hashlib.sha1(key.encode()).hexdigest()[:8]}"
 
 
