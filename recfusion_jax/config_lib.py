@@ -183,6 +183,20 @@ def set_protocol(config: ml_collections.ConfigDict, protocol: str, *,
   return changed
 
 
+def with_own_protocol(config: ml_collections.ConfigDict, *, keep: Collection[str] = ()
+                      ) -> ml_collections.ConfigDict:
+  """``config`` pointed at its own ``data.protocol`` (``set_protocol``), as a copy; ``config``
+  itself when it has no protocol or already carries its fields. Every CLI that reads a
+  training config runs this (``keep``: its ``--config`` overrides), so the model that export
+  and recommend build is the one ``main`` trained."""
+  data = config.get("data")
+  if data is None or not data.get("protocol") or config.get("protocol_fields_for"):
+    return config
+  config = config.copy_and_resolve_references()
+  set_protocol(config, config.data.protocol, keep=keep)
+  return config
+
+
 def history_for_protocol(protocol: str) -> str:
   """``data.history`` for a protocol: next-item prediction (loo) trains on the items before the
   target; random hold-outs train on all the user's other items, as evaluation sees them."""

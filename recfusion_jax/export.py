@@ -160,9 +160,14 @@ def main(argv: Sequence[str]) -> None:
   values = flags.FLAGS
   if values.config is None or not values.workdir or not values.out:
     raise app.UsageError("--config, --workdir and --out are required")
-  model, dataset, step, context = cli.load_workdir(values.config, values.workdir, values.step)
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  from recfusion_jax import config_lib  # pylint: disable=import-outside-toplevel
+  # The training run's protocol fields (main applied them), so the model matches its checkpoint.
+  config = config_lib.with_own_protocol(
+      values.config, keep=config_flags.get_override_values(flags.FLAGS["config"]))
+  model, dataset, step, context = cli.load_workdir(config, values.workdir, values.step)
   manifest = export_for_serving(
-      model, dataset, values.out, history_len=values.config.model.user.history_len,
+      model, dataset, values.out, history_len=config.model.user.history_len,
       k=values.k, platforms=values.platforms, step=step, item_names=context["item_names"],
       tokenizer=context["tokenizer"], text_vocab_size=context["text_vocab_size"])
   size = sum(p.stat().length for p in epath.Path(values.out).glob("programs/*.bin"))

@@ -48,11 +48,9 @@ def main(argv):
   writers.setup_logging()
   config = _CONFIG.value
   try:
-    if config.get("data") is not None and config.data.get("protocol"):
-      # The recipe's fields for this protocol; the command line's overrides still win.
-      with config.unlocked():
-        config_lib.set_protocol(config, config.data.protocol,
-                                keep=config_flags.get_override_values(flags.FLAGS["config"]))
+    # The recipe's fields for this protocol; the command line's overrides still win.
+    config = config_lib.with_own_protocol(
+        config, keep=config_flags.get_override_values(flags.FLAGS["config"]))
     # Device-free checks, before JAX starts anything; the CLI must train (num_steps >= 1).
     config_validation.validate(config, training=True)
   except ValueError as e:   # ConfigError, or a recipe table naming no field

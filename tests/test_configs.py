@@ -134,3 +134,15 @@ def test_main_applies_the_protocol_fields_after_the_command_line(tmp_path, extra
   assert present in result.stderr, result.stderr[-3000:]
   if absent:
     assert absent not in result.stderr.split("invalid config:")[-1], result.stderr[-3000:]
+
+
+def test_with_own_protocol_is_what_every_cli_reads():
+  """main, export and recommend build the model from the config pointed at its own protocol."""
+  built = movielens.get_config("size=small,protocol=loo,recipe=dot")
+  config = config_lib.with_own_protocol(built, keep=["model.user.history_len"])
+  assert config is not built and built.protocol_fields_for == ""
+  assert _fields(config)[:5] == ("next", "pool", True, 8, 768)   # the kept field stays
+  assert config_lib.with_own_protocol(config) is config          # already pointed: unchanged
+  config_validation.validate(config, training=True)
+  plain = tiny.get_config()
+  assert config_lib.with_own_protocol(plain) is plain              # no protocol, no table
