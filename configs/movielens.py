@@ -44,8 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Random splits hold out items from anywhere in a user's timeline: train on "all the user's
   # other items" as history, as evaluation sees them; loo is next-item prediction.
   config.data.history = config_lib.history_for_protocol(config.data.protocol)
-  # (A recipe's per-protocol fields are applied by main and the runner, config_lib.set_protocol,
-  # after the command line's overrides: the table is in config.protocol_fields.)
+  # (A recipe's per-protocol fields, config.protocol_fields, are applied by the CLIs and the
+  # runner through config_lib.set_protocol; the command line's overrides win over them.)
 
   m = config.model = tiny.model_config(vocab_size=MINILM_VOCAB, text_len=config.data.text_len,
                                        image_size=64)

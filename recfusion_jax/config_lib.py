@@ -197,6 +197,15 @@ def with_own_protocol(config: ml_collections.ConfigDict, *, keep: Collection[str
   return config
 
 
+def config_from_flag(name: str = "config") -> ml_collections.ConfigDict:
+  """A CLI's ``--<name>`` config (a ``config_flags`` flag) pointed at its own protocol, its
+  ``--<name>.*`` overrides winning over the recipe's fields (``with_own_protocol``)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
+  holder = flags.FLAGS[name]
+  return with_own_protocol(holder.value, keep=config_flags.get_override_values(holder))
+
+
 def history_for_protocol(protocol: str) -> str:
   """``data.history`` for a protocol: next-item prediction (loo) trains on the items before the
   target; random hold-outs train on all the user's other items, as evaluation sees them."""

@@ -160,11 +160,9 @@ def main(argv: Sequence[str]) -> None:
   values = flags.FLAGS
   if values.config is None or not values.workdir or not values.out:
     raise app.UsageError("--config, --workdir and --out are required")
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   from recfusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   # The training run's protocol fields (main applied them), so the model matches its checkpoint.
-  config = config_lib.with_own_protocol(
-      values.config, keep=config_flags.get_override_values(flags.FLAGS["config"]))
+  config = config_lib.config_from_flag("config")
   model, dataset, step, context = cli.load_workdir(config, values.workdir, values.step)
   manifest = export_for_serving(
       model, dataset, values.out, history_len=config.model.user.history_len,

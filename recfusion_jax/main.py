@@ -46,11 +46,9 @@ def main(argv):
   import jax  # pylint: disable=import-outside-toplevel
   from recfusion_jax import checkpointing, train, writers  # pylint: disable=import-outside-toplevel
   writers.setup_logging()
-  config = _CONFIG.value
   try:
     # The recipe's fields for this protocol; the command line's overrides still win.
-    config = config_lib.with_own_protocol(
-        config, keep=config_flags.get_override_values(flags.FLAGS["config"]))
+    config = config_lib.config_from_flag(_CONFIG.name)
     # Device-free checks, before JAX starts anything; the CLI must train (num_steps >= 1).
     config_validation.validate(config, training=True)
   except ValueError as e:   # ConfigError, or a recipe table naming no field

@@ -228,11 +228,9 @@ def main(argv: Sequence[str]) -> None:
   if values.export_dir:
     rec, context = from_export(values.export_dir)
   else:
-    from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
     from recfusion_jax import config_lib  # pylint: disable=import-outside-toplevel
     # The training run's protocol fields (main applied them), so the model matches its checkpoint.
-    config = config_lib.with_own_protocol(
-        values.config, keep=config_flags.get_override_values(flags.FLAGS["config"]))
+    config = config_lib.config_from_flag("config")
     rec, context = from_workdir(config, values.workdir, k=values.k, step=values.step)
   result = run(rec, context, users=users, liked=liked, new_item=new_item, k=values.k)
   print(json.dumps(result, indent=1) if values.format == "json" else format_text(result))
