@@ -290,6 +290,38 @@ def test_history_fusion_id_keeps_content_out_of_the_user(history_fusion):
     assert np.abs(before - after).max() > 1e-3
 
 
+def test_history_content_projected_per_item_equals_per_slot():
+  """``history_fusion='sum'`` projects each catalogue item's content once and gathers it: the
+  same history vectors and gradients as projecting every history slot (the plain path)."""
+  model = _model(tiny_config(**DOT_RESIDUAL))
+  model.cache_has_id[...] = jnp.arange(NUM_ITEMS) % 3 > 0
+  presence = jax.random.bernoulli(jax.random.key(1), 0.6, model.cache_presence[...].shape)
+  model.cache_presence[...] = presence.at[0].set(False)   # item 0: no content at all
+  model.cache_embeddings[...] = jax.random.normal(jax.random.key(2),
+                                                  model.cache_embeddings[...].shape)
+  batch = random_batch(tiny_config(**DOT_RESIDUAL), B, NUM_USERS, NUM_ITEMS)
+  history, mask = jnp.asarray(batch["history"]), jnp.asarray(batch["history_mask"])
+  id_emb = jnp.zeros((B, model.embed_dim))
+
+  def vectors_and_grads(per_item):
+    def loss(m):
+      v = m.history_vectors(id_emb, history, mask, per_item=per_item)
+      return jnp.sum(jnp.sin(v)), v
+    (_, v), grads = nnx.value_and_grad(loss, has_aux=True)(model)
+    return v, grads
+
+  plain, plain_grads = vectors_and_grads(False)
+  gathered, gathered_grads = vectors_and_grads(True)
+  assert np.abs(np.asarray(plain)).max() > 1e-3
+  np.testing.assert_allclose(np.asarray(gathered), np.asarray(plain), rtol=1e-5, atol=1e-6)
+  kernel = lambda g: np.asarray(g.history_content.kernel[...])
+  assert np.abs(kernel(plain_grads)).max() > 1e-3
+  np.testing.assert_allclose(kernel(gathered_grads), kernel(plain_grads), rtol=1e-4, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                       atol=1e-5),
+               nnx.state(gathered_grads), nnx.state(plain_grads))
+
+
 @pytest.mark.parametrize("fields", [{}, DOT_RESIDUAL], ids=["gated_cosine", "dot_residual"])
 def test_in_batch_user_gradient_off_stops_only_the_user_model(fields):
   """``model.in_batch_user_gradient=False``: the in-batch logits are unchanged, their gradient

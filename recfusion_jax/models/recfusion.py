@@ -194,25 +194,43 @@ class RecFusion(nnx.Module):
 
   # ---- users -------------------------------------------------------------------------------
 
-  def history_vectors(self, id_emb: jax.Array, history: jax.Array,
-                      history_mask: jax.Array) -> jax.Array:
-    """[B, L, d] input vectors of the history items (content read from the item cache)."""
+  def projected_content(self, content: jax.Array, present: jax.Array) -> jax.Array:
+    """``history_fusion='sum'``'s content input [..., d]: a projection of the mean of an item's
+    present modalities (content [..., M, d], present [..., M]); zero for an item with none."""
+    count = jnp.maximum(jnp.sum(present, axis=-1, keepdims=True), 1)
+    mean = jnp.sum(content * present[..., None], axis=-2) / count
+    return self.history_content(mean) * jnp.any(present, -1, keepdims=True)
+
+  def history_vectors(self, id_emb: jax.Array, history: jax.Array, history_mask: jax.Array,
+                      *, per_item: bool | None = None) -> jax.Array:
+    """[B, L, d] input vectors of the history items (content read from the item cache).
+
+    ``per_item`` (``history_fusion='sum'``): project the content of every catalogue item once
+    and gather the history's rows, instead of projecting every history slot; the same values
+    (an item's projection depends on that item alone). Default: whichever has fewer rows --
+    on MovieLens 1,682 items against 128 x 768 slots, a d x d matmul 58 times smaller.
+    """
     m = len(self.modalities)
-    hist_content = jax.lax.stop_gradient(self.cache_embeddings[...][history][..., :m, :])
-    hist_present = self.cache_presence[...][history][..., :m] & history_mask[..., None]
     if self.history_fusion in ("sum", "id"):
       # The ID input embedding plus (sum) a projection of the mean present content; ``id`` keeps
       # content out of the user model, which then reads the items' IDs as an ID-only model does.
       vectors = jnp.zeros(history.shape + (self.embed_dim,))
       if self.modalities and self.history_fusion == "sum":
-        count = jnp.maximum(jnp.sum(hist_present, axis=-1, keepdims=True), 1)
-        mean = jnp.sum(hist_content * hist_present[..., None], axis=2) / count
-        vectors = self.history_content(mean) * jnp.any(hist_present, -1, keepdims=True)
+        if per_item is None:
+          per_item = self.num_items < history.size
+        cache = jax.lax.stop_gradient(self.cache_embeddings[...][:, :m])
+        present = self.cache_presence[...][:, :m]
+        if per_item:
+          vectors = self.projected_content(cache, present)[history]
+        else:
+          vectors = self.projected_content(cache[history], present[history])
       if self.use_item_id:
         table = (self.history_embeddings if self.history_embeddings is not None
                  else self.item_embeddings)
         vectors = vectors + table(history) * self.cache_has_id[...][history][..., None]
       return vectors * history_mask[..., None]
+    hist_content = jax.lax.stop_gradient(self.cache_embeddings[...][history][..., :m, :])
+    hist_present = self.cache_presence[...][history][..., :m] & history_mask[..., None]
     hist_table = self.item_table(history, history_mask, hist_content, hist_present)
     # The gate needs a user before the user exists: fuse history items with a context made of
     # the ID embedding and the mean of the history's present content.
