@@ -56,7 +56,7 @@ import ast  # noqa: E402
 import importlib.util  # noqa: E402
 
 from perf import contrastive_scaling  # noqa: E402  (its float32 matmul peak)
-from recfusion_jax import sharding, train  # noqa: E402
+from recfusion_jax import config_lib, sharding, train  # noqa: E402
 from recfusion_jax.data import examples, pipeline, sources  # noqa: E402
 from recfusion_jax.data.types import RecDataset  # noqa: E402
 
@@ -148,7 +148,9 @@ def compiled_flops(compiled) -> float:
 
 def load_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """``path[:arg]`` -> that file's ``get_config(arg)`` with ``KEY=VALUE`` overrides applied
-  (the script is not an absl program, so config_flags' parser is not available here)."""
+  (the script is not an absl program, so config_flags' parser is not available here), pointed
+  at its own protocol as ``main`` trains it (``config_lib.with_own_protocol``: the recipe's
+  fields for that protocol, the overrides winning)."""
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("perf_config", path)
   if module_spec is None or module_spec.loader is None:
@@ -171,7 +173,8 @@ def load_config(spec: str, overrides: Sequence[str]) -> ml_collections.ConfigDic
     if leaf not in parent:
       raise ValueError(f"--set {item!r}: {key} is not a field of the config")
     parent[leaf] = value
-  return config
+  return config_lib.with_own_protocol(
+      config, keep=[item.partition("=")[0] for item in overrides])
 
 
 def machine_info() -> dict[str, Any]:

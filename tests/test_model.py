@@ -290,6 +290,51 @@ def test_history_fusion_id_keeps_content_out_of_the_user(history_fusion):
     assert np.abs(before - after).max() > 1e-3
 
 
+@pytest.mark.parametrize("kind,num_sources", [("gated", 3), ("residual", 3), ("residual", 1),
+                                              ("mean", 3), ("concat", 1)])
+def test_fused_scores_equal_the_weighted_sum_of_products(kind, num_sources):
+  """``fusion.fused_scores`` (per-source planes) against its definition, sum_s w[u, i, s] *
+  <u, e_{i,s}> with ``pair_weights``' [U, I, S] weights: values and gradients, with absent
+  sources, items with nothing present, a popularity bias and an item-item term."""
+  from recfusion_jax.models import fusion   # pylint: disable=import-outside-toplevel
+  num_users, num_items, d, h = 6, 9, 8, 4
+  keys = jax.random.split(jax.random.key(0), 7)
+  present = jax.random.bernoulli(keys[0], 0.6, (num_items, num_sources)).at[0].set(False)
+  if num_sources > 1:
+    present = present.at[1].set(True)
+  users = {"emb": jax.random.normal(keys[1], (num_users, d)),
+           "query": jax.random.normal(keys[2], (num_users, h)),
+           "item_item": jax.random.normal(keys[3], (num_users, num_items))}
+  table = {"emb": jax.random.normal(keys[4], (num_items, num_sources, d)),
+           "bias": jax.random.normal(keys[5], (num_items, num_sources)),
+           "key": jax.random.normal(keys[6], (num_items, num_sources, h)),
+           "score_bias": jnp.linspace(-1.0, 1.0, num_items),
+           "id_weight": (jnp.arange(num_items) % 2).astype(jnp.float32)}
+
+  def naive(users, table):
+    weights = fusion.pair_weights(users["query"], table, kind=kind, gate_dim=h)
+    products = jnp.einsum("ud,isd->uis", users["emb"], table["emb"])
+    return (jnp.sum(weights * products, -1) + table["score_bias"][None]
+            + users["item_item"][:, table["item_id"]] * table["id_weight"][None])
+
+  def planes(users, table):
+    return fusion.fused_scores(users, table, kind=kind, gate_dim=h)
+
+  fixed = {"present": present, "item_id": jnp.arange(num_items)}   # not differentiated
+
+  def loss(fn, users, table):
+    return jnp.sum(jnp.sin(fn(users, {**table, **fixed})))
+
+  expected = naive(users, {**table, **fixed})
+  np.testing.assert_allclose(np.asarray(planes(users, {**table, **fixed})),
+                             np.asarray(expected), rtol=1e-5, atol=1e-5)
+  got = jax.grad(lambda *a: loss(planes, *a), argnums=(0, 1))(users, table)
+  want = jax.grad(lambda *a: loss(naive, *a), argnums=(0, 1))(users, table)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                                                       atol=1e-5), got, want)
+  assert np.abs(np.asarray(got[0]["emb"])).max() > 1e-3
+
+
 def test_history_content_projected_per_item_equals_per_slot():
   """``history_fusion='sum'`` projects each catalogue item's content once and gathers it: the
   same history vectors and gradients as projecting every history slot (the plain path)."""

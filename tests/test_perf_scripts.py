@@ -27,3 +27,16 @@ def test_step_speed_reports_examples_per_gflop_s_of_the_measured_peak(tmp_path):
 def test_step_speed_refuses_a_variant_without_a_name():
   with pytest.raises(SystemExit):
     step_speed.main(["--variant", "model.encoder.compute_dtype=bfloat16"])
+
+
+def test_perf_configs_are_pointed_at_their_protocol_as_main_trains_them():
+  """The perf scripts time the config ``main`` trains: the recipe's fields for the config's
+  protocol applied, a ``KEY=VALUE`` override winning over them."""
+  from perf import pipeline_vs_step   # pylint: disable=import-outside-toplevel
+  config = pipeline_vs_step.load_config("configs/movielens.py:size=small,recipe=dot,protocol=loo",
+                                        ["model.user.recent=4"])
+  assert config.protocol_fields_for == "loo"
+  assert config.data.example == "next" and config.model.user.causal
+  assert config.model.user.recent == 4
+  warm = pipeline_vs_step.load_config("configs/movielens.py:size=small,recipe=dot", [])
+  assert warm.data.example == "cloze" and not warm.model.user.causal
