@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.history = "earlier"     # earlier | all_others (see recfusion_jax/data/examples.py)
   config.data.example = "interaction"  # interaction | cloze | next (data/examples.py)
   config.data.target_share = 0.2      # cloze: share of a user's window hidden as targets
+  config.data.next_positions = 0      # next: transitions scored a row, drawn at random; 0: all
 
   config.model = model_config()
 

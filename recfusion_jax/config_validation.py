@@ -92,6 +92,7 @@ SCHEMA: dict[str, Any] = {
         "history": _choice("earlier", "all_others"),
         "example": _choice("interaction", "cloze", "next"),
         "target_share": _number(0.0, strict=True, maximum=1.0),
+        "next_positions": _int(0),   # next rows: transitions scored a row; 0: all
         "dir": _anything, "protocol": _anything, "split_seed": _int(0), "text_len": _int(1),
     },
     "model": None,

@@ -220,8 +220,8 @@ def catalogue_loss(logits: jax.Array, batch: Mapping[str, jax.Array], candidates
                    exclude_history: bool, form: str = "softmax",
                    negative_weight: float = 1.0) -> jax.Array:
   """The full-catalogue term for each batch kind: one target per interaction row, the hidden
-  items of a cloze row, or the next item at every position of a causal row; ``form`` softmax
-  or squared (see ``compute_losses``)."""
+  items of a cloze row, or the next item at every (or every sampled) position of a causal row;
+  ``form`` softmax or squared (see ``compute_losses``)."""
   history, history_mask = batch["history"], batch["history_mask"]
   if "targets" not in batch:
     targets, target_mask = batch["item_id"][:, None], batch["example_mask"][:, None]

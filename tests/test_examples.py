@@ -267,7 +267,7 @@ def test_cloze_user_batch_hides_targets_from_the_history(small):
   interaction = examples.make_train_batch(small, examples.TrainExampleIndex.build(small),
                                           np.array([0]), HISTORY_LEN,
                                           examples.item_log_q(small), batch_size=1)
-  assert set(batch) == set(interaction) | set(PER_USER_KEYS)
+  assert set(batch) == set(interaction) | {"targets", "target_mask"}
   for key, (dtype, _) in TRAIN_BATCH_SPEC.items():
     if key in batch:
       assert batch[key].dtype == np.dtype(dtype), key
@@ -322,3 +322,42 @@ def test_user_batch_rejects_bad_arguments(small):
     _user_batch(small, [0], "cloze", share=1.0)
   with pytest.raises(ValueError, match="user ids"):
     _user_batch(small, [small.num_users], "cloze")
+
+
+def test_next_item_sampled_positions_are_distinct_transitions_of_the_row(small):
+  """``next_positions`` = K keeps K of a row's transitions (all when it has fewer), drawn
+  from the row's own generator: a pure function of seed, user and epoch."""
+  users = np.arange(small.num_users)
+  every = _user_batch(small, users, "next", batch_size=small.num_users)
+  index = examples.TrainExampleIndex.build(small)
+
+  def sampled(k, epochs=None, seed=0):
+    return examples.make_user_batch(
+        small, index, users, history_len=HISTORY_LEN, log_q=examples.item_log_q(small),
+        batch_size=small.num_users, kind="next", target_share=0.3, seed=seed, epochs=epochs,
+        next_positions=k)
+
+  batch = sampled(3)
+  slots, mask = batch["target_positions"], batch["target_mask"]
+  assert slots.shape == mask.shape == batch["targets"].shape == (small.num_users, 3)
+  for row in range(small.num_users):
+    transitions = set(np.flatnonzero(every["target_mask"][row]).tolist())
+    kept = slots[row][mask[row]].tolist()
+    assert len(set(kept)) == len(kept) == min(3, len(transitions))
+    assert set(kept) <= transitions
+    np.testing.assert_array_equal(batch["targets"][row][mask[row]],
+                                  every["targets"][row][kept])
+  np.testing.assert_array_equal(sampled(3)["target_positions"], slots)
+  assert not np.array_equal(sampled(3, epochs=np.ones(small.num_users, np.int64))
+                            ["target_positions"], slots)
+  # Every transition drawn: the same pairs as the unsampled row, in another order.
+  whole = sampled(HISTORY_LEN)
+  for row in range(small.num_users):
+    assert (sorted(whole["targets"][row][whole["target_mask"][row]].tolist())
+            == sorted(every["targets"][row][every["target_mask"][row]].tolist()))
+  with pytest.raises(ValueError, match="next_positions"):
+    sampled(HISTORY_LEN + 1)
+  with pytest.raises(ValueError, match="next_positions"):
+    examples.make_user_batch(small, index, users, history_len=HISTORY_LEN,
+                             log_q=examples.item_log_q(small), batch_size=small.num_users,
+                             kind="cloze", target_share=0.3, seed=0, next_positions=2)

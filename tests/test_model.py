@@ -589,3 +589,46 @@ def test_per_user_batches_train(kind, form):
     assert all(np.isfinite(float(v)) for v in jax.tree.leaves(metrics) if np.ndim(v) == 0)
   # The softmax must fall by 0.5 nats; the squared error by half of where it starts.
   assert history[-1] < (history[0] - 0.5 if form == "softmax" else 0.5 * history[0]), history
+
+
+def test_sampled_next_positions_score_the_same_states_as_every_position():
+  """Next-item rows with ``target_positions`` score those slots' user states only: the same
+  catalogue logits as the every-position batch at those slots, and with every slot drawn (in
+  a random order) the same catalogue loss."""
+  from recfusion_jax import train  # pylint: disable=import-outside-toplevel
+  from recfusion_jax.data import examples  # pylint: disable=import-outside-toplevel
+  from recfusion_jax.data.synthetic import make_synthetic  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{**DOT_RESIDUAL, "model.user.kind": "pool", "model.user.causal": True,
+                          "model.user.use_id": False, "rec_loss": "full"})
+  length = config.model.user.history_len
+  data = make_synthetic(config.data.synthetic, num_items=NUM_ITEMS, num_users=NUM_USERS,
+                        min_interactions=4, max_interactions=2 * length,
+                        image_size=config.model.encoder.image.size)
+  index = examples.TrainExampleIndex.build(data)
+
+  def batch(next_positions):
+    out = examples.make_user_batch(
+        data, index, np.arange(B), history_len=length, log_q=examples.item_log_q(data),
+        batch_size=B, kind="next", target_share=0.3, seed=0, next_positions=next_positions)
+    return {k: jnp.asarray(v) for k, v in out.items()}
+
+  model = train.create_model(config, data)
+  model.cache_has_id[...] = jnp.asarray(data.catalogue.has_id)
+  model.eval()
+  every = batch(0)
+  full = np.asarray(model(every, full_catalogue=True)["catalogue_logits"])
+  assert full.shape[:2] == (B, length)
+  for k in (2, length):
+    sampled = batch(k)
+    slots = np.asarray(sampled["target_positions"])
+    assert slots.shape == (B, k)
+    logits = np.asarray(model(sampled, full_catalogue=True)["catalogue_logits"])
+    np.testing.assert_allclose(logits, np.take_along_axis(full, slots[:, :, None], 1),
+                               rtol=1e-5, atol=1e-5)
+
+  def loss(b):
+    return float(train.compute_losses(model, b, contrastive_weight=0.0, full_catalogue=True,
+                                      in_batch_weight=0.0)[1]["full_softmax_loss"])
+
+  np.testing.assert_allclose(loss(batch(length)), loss(every), rtol=1e-5)
+  assert abs(loss(batch(2)) - loss(every)) > 1e-4   # a sample, not the whole row

@@ -72,9 +72,18 @@ def test_checkpoint_restore_resumes_exactly(small, skip):
   _assert_batches_equal(_take(fresh, 4), expected)
 
 
-@pytest.mark.parametrize("example", ["cloze", "next"])
+# Per-user row kinds: (data.example, data.next_positions).
+USER_ROWS = {"cloze": ("cloze", 0), "next": ("next", 0), "next_sampled": ("next", 2)}
+
+
+def _user_rows(kind):
+  example, next_positions = USER_ROWS[kind]
+  return dict(example=example, next_positions=next_positions, target_share=0.3)
+
+
+@pytest.mark.parametrize("example", list(USER_ROWS))
 def test_user_batches_visit_every_user_and_resume_exactly(small, example):
-  iterator = _iterator(small, example=example, target_share=0.3)
+  iterator = _iterator(small, **_user_rows(example))
   users = examples.trained_users(examples.TrainExampleIndex.build(small))
   epoch = -(-len(users) // BATCH)
   seen = np.concatenate([b["user_id"][b["example_mask"]] for b in _take(iterator, epoch)])
@@ -82,17 +91,17 @@ def test_user_batches_visit_every_user_and_resume_exactly(small, example):
   np.testing.assert_array_equal(np.sort(seen[:len(users)]), users)
   state = json.loads(json.dumps(iterator.get_state()))
   expected = _take(iterator, 3)
-  fresh = _iterator(small, example=example, target_share=0.3)
+  fresh = _iterator(small, **_user_rows(example))
   fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 3), expected)
 
 
-@pytest.mark.parametrize("example", ["cloze", "next"])
+@pytest.mark.parametrize("example", list(USER_ROWS))
 def test_user_batches_do_not_depend_on_the_process_count(small, example):
   # Two processes, each building its half of every global batch, give the rows one process
   # builds, random hold-outs included (keyed by user and epoch, not by the block), across
   # epoch boundaries; and a user's hidden items change from one epoch to the next.
-  kwargs = dict(example=example, target_share=0.3)
+  kwargs = _user_rows(example)
   whole = _take(_iterator(small, batch_size=2 * BATCH, process_index=0, process_count=1,
                           **kwargs), 4)
   halves = [_take(_iterator(small, process_index=p, process_count=2, **kwargs), 4)
@@ -101,10 +110,11 @@ def test_user_batches_do_not_depend_on_the_process_count(small, example):
     for key in batch:
       np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key],
                                     err_msg=key)
-  if example == "cloze":
+  if example != "next":   # the random choices: hidden items, or the transitions kept
     users = examples.trained_users(examples.TrainExampleIndex.build(small))
     rows = np.concatenate([b["user_id"][b["example_mask"]] for b in whole])
-    hidden = np.concatenate([b["target_mask"][b["example_mask"]] for b in whole])
+    drawn = "target_mask" if example == "cloze" else "target_positions"
+    hidden = np.concatenate([b[drawn][b["example_mask"]] for b in whole])
     first_epoch, second_epoch = hidden[:len(users)], hidden[len(users):2 * len(users)]
     order = np.argsort(rows[:len(users)]), np.argsort(rows[len(users):2 * len(users)])
     assert not np.array_equal(first_epoch[order[0]], second_epoch[order[1]])

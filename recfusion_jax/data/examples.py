@@ -230,8 +230,8 @@ class TrainBatchFn:
 
 def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.ndarray, *,
                     history_len: int, log_q: np.ndarray, batch_size: int, kind: str,
-                    target_share: float, seed: int, epochs: np.ndarray | None = None
-                    ) -> dict[str, np.ndarray]:
+                    target_share: float, seed: int, epochs: np.ndarray | None = None,
+                    next_positions: int = 0) -> dict[str, np.ndarray]:
   """A batch of whole users, each with several targets (TRAIN_BATCH_SPEC keys).
 
   One forward pass of the user model serves every target of its row, where an interaction
@@ -244,6 +244,11 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
   kind "next" (next-item protocols, e.g. loo): the window is the user's latest
     ``history_len + 1`` items in time order; history slot t holds item t and its target is
     item t + 1, so a causal user model learns every transition of the window at once.
+    ``next_positions`` > 0 keeps that many of a row's transitions, drawn at random without
+    replacement (all of them when the row has fewer), as ``target_positions`` [B, K] (the
+    history slots whose user state is scored) with their ``targets`` / ``target_mask``
+    [B, K]: the catalogue term then scores K user states a row instead of ``history_len``,
+    its cost in a next-item step (docs/TUNING.md §16).
 
   ``item_id`` (whose content the encoder trains on, with the in-batch and contrastive terms)
   is one of the row's targets: a random one (cloze) or the latest (next). ``users`` holds
@@ -265,16 +270,24 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
   ids[:users.size] = np.maximum(users, 0)
   if ids.max(initial=0) >= dataset.num_users:
     raise ValueError(f"user ids must be < {dataset.num_users}")
+  if not 0 <= next_positions <= history_len or (next_positions and kind != "next"):
+    raise ValueError(f"next_positions must be in 0..history_len ({history_len}) and is for "
+                     f"'next' rows only, got {next_positions} with kind {kind!r}")
+  epochs = np.zeros(batch_size, np.int64) if epochs is None else np.asarray(epochs)
+  if epochs.shape != (batch_size,):
+    raise ValueError(f"epochs must have shape ({batch_size},), got {epochs.shape}")
+
+  def row_draws(num: int) -> np.ndarray:
+    # [B, num, history_len] uniform draws, from each row's own generator.
+    return np.stack([np.random.default_rng([seed, int(e), int(u)]).random((num, history_len))
+                     if ok else np.zeros((num, history_len))
+                     for u, e, ok in zip(ids.tolist(), epochs.tolist(), valid.tolist())])
+
+  extra = {}
   if kind == "cloze":
     window, in_window = index.user_history(ids, history_len)
     in_window &= valid[:, None]
-    epochs = np.zeros(batch_size, np.int64) if epochs is None else np.asarray(epochs)
-    if epochs.shape != (batch_size,):
-      raise ValueError(f"epochs must have shape ({batch_size},), got {epochs.shape}")
-    # Three uniform draws per window slot and row, from the row's own generator.
-    draws = np.stack([np.random.default_rng([seed, int(e), int(u)]).random((3, history_len))
-                      if ok else np.zeros((3, history_len))
-                      for u, e, ok in zip(ids.tolist(), epochs.tolist(), valid.tolist())])
+    draws = row_draws(3)
     hidden = (draws[:, 0] < target_share) & in_window
     # Rows with items but no target get one: every user contributes a target each epoch.
     none = ~hidden.any(1) & in_window.any(1)
@@ -294,6 +307,13 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
     targets = window[:, 1:]
     target_mask = in_window[:, 1:] & in_window[:, :-1]   # a transition needs both ends
     item = window[:, -1]
+    if next_positions:
+      # The K transitions with the largest draws; padding slots sort last and stay masked.
+      order = np.argsort(-np.where(target_mask, row_draws(1)[:, 0], -1.0), axis=1, kind="stable")
+      positions = order[:, :next_positions]
+      targets = np.take_along_axis(targets, positions, axis=1)
+      target_mask = np.take_along_axis(target_mask, positions, axis=1)
+      extra["target_positions"] = positions
   has_target = target_mask.any(1)
   valid &= has_target
   batch = {
@@ -306,6 +326,7 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
       "targets": targets,
       "target_mask": target_mask & valid[:, None],
       "example_mask": valid,
+      **extra,
   }
   return _finish_batch(batch, dataset, item, valid)
 
@@ -315,10 +336,10 @@ class UserBatchFn:
 
   def __init__(self, dataset: RecDataset, index: TrainExampleIndex, users: np.ndarray, *,
                history_len: int, log_q: np.ndarray, batch_size: int, kind: str,
-               target_share: float, seed: int):
+               target_share: float, seed: int, next_positions: int = 0):
     self.dataset, self.index, self.users = dataset, index, users
     self.kwargs = dict(history_len=history_len, log_q=log_q, batch_size=batch_size, kind=kind,
-                       target_share=target_share, seed=seed)
+                       target_share=target_share, seed=seed, next_positions=next_positions)
 
   def __call__(self, rows: np.ndarray) -> dict[str, np.ndarray]:
     """``rows``: [2, B] (position in ``users`` or -1, epoch) from ``example_id_batches(...,

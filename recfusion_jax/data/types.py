@@ -49,9 +49,12 @@ TRAIN_BATCH_SPEC: dict[str, tuple[str, str]] = {
     # Per-user examples only (``examples.make_user_batch``): several targets per row.
     "targets": ("int32", "[B, L]"),          # cloze: the hidden history items; next: item t + 1
     "target_mask": ("bool", "[B, L]"),
+    # next rows with ``data.next_positions`` = K: the history slots whose next item is scored
+    # (targets and target_mask are then [B, K]).
+    "target_positions": ("int32", "[B, K]"),
 }
 # The keys only per-user batches carry; an interaction batch has every other key.
-PER_USER_KEYS = ("targets", "target_mask")
+PER_USER_KEYS = ("targets", "target_mask", "target_positions")
 
 
 @dataclasses.dataclass

@@ -314,7 +314,7 @@ class RecFusion(nnx.Module):
 
     Always: ``logits`` [B, B], each row's user against the batch's positives (in-batch
     negatives). With ``full_catalogue`` also ``catalogue_logits`` [B, N] ([B, L, N] for a
-    causal per-user batch) against every item, all read as stop-gradient content (the batch's
+    causal per-user batch, [B, K, N] when it carries ``target_positions``) against every item, all read as stop-gradient content (the batch's
     items with their fresh values, the rest from the item cache): the user model, the gate and
     the ID table then see every negative every step, while the encoder is trained only by the
     in-batch term. Letting the encoder's gradient in through the positives alone would be
@@ -365,9 +365,13 @@ class RecFusion(nnx.Module):
                                                 batch["item_has_id"], batch["example_mask"])
       flat = users
       if per_position:
-        b, length, d = users["emb"].shape
+        if "target_positions" in batch:   # only the sampled slots are scored (data.examples)
+          slots = batch["target_positions"][:, :, None]
+          flat = {k: jnp.take_along_axis(v, slots, axis=1) if v is not None else None
+                  for k, v in users.items()}
+        b, length, d = flat["emb"].shape
         flat = {k: v.reshape(b * length, -1) if v is not None else None
-                for k, v in users.items()}
+                for k, v in flat.items()}
       logits = self.score(flat, catalogue)
       if per_position:
         logits = logits.reshape(b, length, -1)
