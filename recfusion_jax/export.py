@@ -152,7 +152,7 @@ def export_for_serving(model: RecFusion, dataset: RecDataset, out_dir: str | epa
 def main(argv: Sequence[str]) -> None:
   """CLI: restore ``--workdir``'s checkpoint (read-only, onto the config's mesh) and export it."""
   from absl import app, flags  # pylint: disable=import-outside-toplevel
-  from recfusion_jax import writers  # pylint: disable=import-outside-toplevel
+  from recfusion_jax import config_lib, writers  # pylint: disable=import-outside-toplevel
   from recfusion_jax.recommend import __main__ as cli  # pylint: disable=import-outside-toplevel
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -160,7 +160,6 @@ def main(argv: Sequence[str]) -> None:
   values = flags.FLAGS
   if values.config is None or not values.workdir or not values.out:
     raise app.UsageError("--config, --workdir and --out are required")
-  from recfusion_jax import config_lib  # pylint: disable=import-outside-toplevel
   # The training run's protocol fields (main applied them), so the model matches its checkpoint.
   config = config_lib.config_from_flag("config")
   model, dataset, step, context = cli.load_workdir(config, values.workdir, values.step)
