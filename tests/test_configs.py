@@ -51,7 +51,7 @@ def _fields(config):
   return (config.data.example, config.model.user.kind, config.model.user.causal,
           config.model.user.get("recent", 0), config.model.user.history_len, config.data.history,
           config.catalogue_loss, config.optimizer.weight_decay, config.in_batch_weight,
-          config.num_steps)
+          config.num_steps, config.data.get("next_positions", 0), config.model.history_fusion)
 
 
 def test_dot_recipe_sets_each_protocol_its_own_fields():
@@ -59,12 +59,13 @@ def test_dot_recipe_sets_each_protocol_its_own_fields():
   pooled user, cold_items the softmax, the rest the plain fields; whatever the base was built
   for. Other fields (and a --config override of them) are shared."""
   from recfusion_jax.benchmark.fit import content_config  # pylint: disable=import-outside-toplevel
-  plain = ("cloze", "pool", False, 0, 768, "all_others", "squared", 5.0, 0.1, 500)
+  plain = ("cloze", "pool", False, 0, 768, "all_others", "squared", 5.0, 0.1, 500, 0, "sum")
   expected = {
       "warm_ratio": plain,
       "cold_users": plain,
-      "loo": ("next", "pool", True, 8, 200, "earlier", "squared", 5.0, 0.0, 300),
-      "cold_items": ("cloze", "pool", False, 0, 768, "all_others", "softmax", 1.0, 1.0, 500),
+      "loo": ("next", "pool", True, 8, 200, "earlier", "squared", 5.0, 0.1, 300, 32, "id"),
+      "cold_items": ("cloze", "pool", False, 0, 768, "all_others", "softmax", 1.0, 1.0, 500, 0,
+                     "sum"),
   }
   for built_for in ("warm_ratio", "loo", "cold_items"):
     base = movielens.get_config(f"size=small,protocol={built_for},recipe=dot")
