@@ -314,12 +314,13 @@ class RecFusion(nnx.Module):
 
     Always: ``logits`` [B, B], each row's user against the batch's positives (in-batch
     negatives). With ``full_catalogue`` also ``catalogue_logits`` [B, N] ([B, L, N] for a
-    causal per-user batch, [B, K, N] when it carries ``target_positions``) against every item, all read as stop-gradient content (the batch's
-    items with their fresh values, the rest from the item cache): the user model, the gate and
-    the ID table then see every negative every step, while the encoder is trained only by the
-    in-batch term. Letting the encoder's gradient in through the positives alone would be
-    biased -- a pull on each positive and no push on the cached negatives -- and collapses all
-    content toward the average user.
+    causal per-user batch, [B, K, N] when it carries ``target_positions``) against every
+    item, all read as stop-gradient content (the batch's items with their fresh values, the
+    rest from the item cache): the user model, the gate and the ID table then see every
+    negative every step, while the encoder is trained only by the in-batch term. Letting the
+    encoder's gradient in through the positives alone would be biased -- a pull on each
+    positive and no push on the cached negatives -- and collapses all content toward the
+    average user.
 
     Per-user batches (with ``targets``) score the in-batch term from content alone (ID hidden):
     the encoder and the gate learn to stand without the ID, which cold items need.
