@@ -75,15 +75,15 @@ def apply_recipe(config: ml_collections.ConfigDict, name: str) -> None:
   """The scoring and training recipe of ``model``/``data`` (docs/TUNING.md measures both).
 
   paper  unit vectors under a convex gate, a Transformer user over interaction rows: the
-         design as first written; the configs' defaults.
-  dot    what the ladder of docs/TUNING.md kept: dot-product scoring with a per-item bias, the
-         ID outside the gate (``residual``), untied history embeddings summed with projected
-         content, per-user *cloze* rows on a pooled (linear) user over the latest 768 items
-         (256 scored 7% lower on warm_ratio's valid split: every training item of all but a
-         few users is in view), wide (512; 1024 overfit), history items excluded from the
-         catalogue negatives; EASE's squared loss over the catalogue with weight decay 5 and
-         the unobserved items at weight 0.3 (§10), the in-batch content term at 0.1 (§10),
-         500 steps.
+         design as first written; the model defaults of configs/tiny.py, pod.py and mmrec.py.
+  dot    configs/movielens.py's default; what the ladder of docs/TUNING.md kept: dot-product
+         scoring with a per-item bias, the ID outside the gate (``residual``), untied history
+         embeddings summed with projected content, per-user *cloze* rows on a pooled (linear)
+         user over the latest 768 items (256 scored 7% lower on warm_ratio's valid split:
+         every training item of all but a few users is in view), wide (512; 1024 overfit),
+         history items excluded from the catalogue negatives; EASE's squared loss over the
+         catalogue with weight decay 5 and the unobserved items at weight 0.3 (§10), the
+         in-batch content term at 0.1 (§10), 500 steps.
 
   Not every protocol wins with the same fields, so the recipe also writes
   ``config.protocol_fields`` ({protocol: fields}), which ``set_protocol`` applies to a config

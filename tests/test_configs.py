@@ -19,7 +19,8 @@ from recfusion_jax.models.recfusion import RecFusion
 
 @pytest.mark.parametrize("module,arg", [
     (tiny, None), (tiny, "ablation=mean_fusion"),
-    (movielens, "size=small"), (movielens, "size=base,protocol=cold_items"),
+    (movielens, "size=small"), (movielens, "size=small,recipe=paper"),
+    (movielens, "size=base,protocol=cold_items"),
     (movielens, "size=small,recipe=dot"), (movielens, "size=small,protocol=loo,recipe=dot"),
     (movielens, "size=small,recipe=dot,ablation=no_contrastive"),
     (mmrec, None), (pod, None), (pod, "size=test"), (pod, "size=test,chips_per_replica=4")])
@@ -32,6 +33,7 @@ def test_config_validates(module, arg):
 
 def test_dot_recipe_builds_its_model():
   config = movielens.get_config("size=small,recipe=dot")
+  assert movielens.get_config("size=small").to_dict() == config.to_dict()   # the default
   assert config.data.example == "cloze" and config.model.user.kind == "pool"
   assert not config.model.user.causal
   model = nnx.eval_shape(lambda: RecFusion(config.model, num_users=5, num_items=7,
@@ -76,7 +78,7 @@ def test_dot_recipe_sets_each_protocol_its_own_fields():
       assert config.data.protocol == protocol and config.data.target_share == 0.5
       config_validation.validate(config, training=True)
     assert base.protocol_fields_for == ""   # the base itself is never pointed anywhere
-  paper = content_config("RecFusion", movielens.get_config("size=small"), "loo", 0)
+  paper = content_config("RecFusion", movielens.get_config("size=small,recipe=paper"), "loo", 0)
   assert paper.data.get("example", "interaction") == "interaction"
   assert paper.data.history == "earlier"
 
