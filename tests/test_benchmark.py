@@ -6,6 +6,7 @@ import json
 import math
 import os
 import sys
+import types
 
 from absl import flags
 import numpy as np
@@ -119,6 +120,40 @@ def test_synthetic_suite_end_to_end(tmp_path):
   steps, values, key = report._read_curve(
       os.path.join(tmp_path, "runs", "test", "warm_ratio", "RecFusion", "seed0"))
   assert key == "rec_loss" and steps == [1, 2, 3, 4] and all(np.isfinite(values))
+
+
+def test_models_with_one_config_are_fitted_once(tmp_path):
+  """Where the base config already weighs sources uniformly, the mean-fusion ablation is
+  RecFusion itself: trained once, its records say so, and it is no paired comparison."""
+  base = _tiny_suite_config()
+  ablated = runner.fit.content_config_digest
+  pdata = types.SimpleNamespace(protocol="cold_items", seed=0)   # all the digest reads
+  assert base.model.fusion != "mean"
+  assert ablated("RecFusion", pdata, base) != ablated("RecFusion-mean_fusion", pdata, base)
+  base.model.fusion = "mean"
+  assert ablated("RecFusion", pdata, base) == ablated("RecFusion-mean_fusion", pdata, base)
+
+  opts = dataclasses.replace(_options(tmp_path, models=("RecFusion", "RecFusion-mean_fusion"),
+                                      protocols=("cold_items", "retrieval"), seeds=(0,)),
+                             config=base)
+  results = runner.run_benchmark(opts)
+  for protocol in ("cold_items", "retrieval"):
+    assert results[protocol]["RecFusion-mean_fusion"] == {
+        **results[protocol]["RecFusion"],
+        "wall_s": results[protocol]["RecFusion-mean_fusion"]["wall_s"]}
+  with open(os.path.join(tmp_path, "results_per_seed.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [(r["protocol"], r["model"], r["info"].get("same_as")) for r in records] == [
+      ("cold_items", "RecFusion", None), ("cold_items", "RecFusion-mean_fusion", "RecFusion"),
+      ("retrieval", "RecFusion", None), ("retrieval", "RecFusion-mean_fusion", "RecFusion")]
+  runs = os.path.join(tmp_path, "runs", "test", "cold_items")
+  assert sorted(os.listdir(runs)) == ["RecFusion"]
+  with open(os.path.join(tmp_path, "paired.json")) as f:
+    paired = json.load(f)
+  assert "RecFusion-mean_fusion" not in paired.get("cold_items", {})
+  assert "RecFusion-mean_fusion text_to_image_R@10" in paired["retrieval"]
+  with open(os.path.join(tmp_path, "RESULTS.md")) as f:
+    assert "RecFusion-mean_fusion = RecFusion (seeds 0)" in f.read()
 
 
 def test_protocol_data_missing_modality_and_cold_items():

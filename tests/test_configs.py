@@ -53,21 +53,24 @@ def _fields(config):
   return (config.data.example, config.model.user.kind, config.model.user.causal,
           config.model.user.get("recent", 0), config.model.user.history_len, config.data.history,
           config.catalogue_loss, config.optimizer.weight_decay, config.in_batch_weight,
-          config.num_steps, config.data.get("next_positions", 0), config.model.history_fusion)
+          config.num_steps, config.data.get("next_positions", 0), config.model.history_fusion,
+          config.model.fusion)
 
 
 def test_dot_recipe_sets_each_protocol_its_own_fields():
   """The runner points one base config at each protocol: loo gets next-item rows on a causal
-  pooled user, cold_items the softmax, the rest the plain fields; whatever the base was built
+  pooled user, cold_items the softmax and mean fusion, the rest the plain fields; whatever the base was built
   for. Other fields (and a --config override of them) are shared."""
   from recfusion_jax.benchmark.fit import content_config  # pylint: disable=import-outside-toplevel
-  plain = ("cloze", "pool", False, 0, 768, "all_others", "squared", 5.0, 0.1, 500, 0, "sum")
+  plain = ("cloze", "pool", False, 0, 768, "all_others", "squared", 5.0, 0.1, 500, 0, "sum",
+           "residual")
   expected = {
       "warm_ratio": plain,
       "cold_users": plain,
-      "loo": ("next", "pool", True, 8, 200, "earlier", "squared", 5.0, 0.1, 300, 32, "id"),
+      "loo": ("next", "pool", True, 8, 200, "earlier", "squared", 5.0, 0.1, 300, 32, "id",
+              "residual"),
       "cold_items": ("cloze", "pool", False, 0, 768, "all_others", "softmax", 1.0, 1.0, 500, 0,
-                     "sum"),
+                     "sum", "mean"),
   }
   for built_for in ("warm_ratio", "loo", "cold_items"):
     base = movielens.get_config(f"size=small,protocol={built_for},recipe=dot")

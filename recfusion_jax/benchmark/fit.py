@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from typing import Any, Collection, Mapping, Sequence
@@ -89,6 +90,16 @@ def content_config(name: str, base: ml_collections.ConfigDict, protocol: str, se
   config.log_every = max(1, min(config.log_every, config.num_steps // 5))
   config.checkpoint_every = max(1, config.num_steps)
   return config
+
+
+def content_config_digest(name: str, pdata: ProtocolData, base: ml_collections.ConfigDict, *,
+                          steps: int | None = None, quick: bool = False,
+                          keep: Collection[str] = ()) -> str:
+  """A digest of the config ``fit_content_model`` trains for ``name`` on ``pdata``: two
+  models with equal digests train the same model on the same split."""
+  config = content_config(name, base, pdata.protocol, pdata.seed, steps=steps, quick=quick,
+                          keep=keep)
+  return hashlib.sha1(config.to_json_best_effort(sort_keys=True).encode()).hexdigest()
 
 
 def _with_catalogue(dataset: RecDataset, catalogue: Catalogue, text_len: int | None

@@ -78,9 +78,14 @@ def paired_differences(records: Sequence[Mapping[str, Any]], reference: str = PA
   ``retrieval`` every model is compared with chance instead (R@10 - 10 / number of candidates).
   """
   by_key = {(r["protocol"], r["model"], r["seed"]): r["metrics"] for r in records}
+  # A run that repeats the reference's fit (the same config) differs from it by 0 by
+  # construction: it is not a comparison (write_markdown names such runs).
+  repeats = {(r["protocol"], r["model"], r["seed"]) for r in records
+             if r.get("info", {}).get("same_as") == reference}
   out: dict[str, dict[str, dict[str, Any]]] = {}
   for protocol, model in dict.fromkeys((r["protocol"], r["model"]) for r in records):
-    seeds = sorted(s for p, m, s in by_key if (p, m) == (protocol, model))
+    seeds = sorted(s for p, m, s in by_key if (p, m) == (protocol, model)
+                   and (protocol == "retrieval" or (p, m, s) not in repeats))
     if protocol == "retrieval":
       runs = [by_key[protocol, model, s] for s in seeds]
       for key in RETRIEVAL_CHANCE_KEYS:
@@ -153,9 +158,21 @@ def _table(results: Mapping[str, Mapping[str, float]], models: Sequence[str],
   return lines
 
 
+def _repeated_fits(records: Sequence[Mapping[str, Any]], protocol: str
+                   ) -> dict[tuple[str, str], list[int]]:
+  """{(model, the model it repeats): seeds} of ``protocol``'s runs that reused a fit."""
+  out: dict[tuple[str, str], list[int]] = {}
+  for r in records:
+    first = r.get("info", {}).get("same_as")
+    if r["protocol"] == protocol and first:
+      out.setdefault((r["model"], first), []).append(r["seed"])
+  return out
+
+
 def write_markdown(path: str | os.PathLike, results: Mapping[str, Any], opts: "Options",
                    machine: str, total_wall_s: float, plots: Sequence[str | os.PathLike],
-                   paired: Mapping[str, Any] | None = None) -> None:
+                   paired: Mapping[str, Any] | None = None,
+                   records: Sequence[Mapping[str, Any]] = ()) -> None:
   """RESULTS.md: command, machine, protocol notes, one table per protocol and the paired
   differences."""
   lines = [f"# RecFusion-JAX benchmark: {opts.suite}", "",
@@ -199,6 +216,12 @@ def write_markdown(path: str | os.PathLike, results: Mapping[str, Any], opts: "O
     skipped = [m for m in models if not registry.applies(m, protocol)]
     if skipped:
       lines += ["", f"Not applicable: {', '.join(skipped)}."]
+    repeats = _repeated_fits(records, protocol)
+    if repeats:
+      lines += ["", "The same config as another model here, trained once (its row repeats that "
+                "model's; not in the paired differences to it): " + "; ".join(
+                    f"{model} = {first} (seeds {', '.join(map(str, seeds))})"
+                    for (model, first), seeds in repeats.items()) + "."]
     lines.append("")
   if paired:
     lines += _paired_lines(paired)

@@ -129,6 +129,11 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
                f" (shard {k} of {n_shards})" if n_shards > 1 else "", machine)
   data_cache: dict[tuple[str, int], ProtocolData | None] = {}
   fingerprints: dict[tuple[str, int], str] = {}
+  # Content models whose resolved configs are equal on one fit are one model (say the
+  # mean-fusion ablation where the recipe's fields already weigh sources uniformly): trained
+  # once, and each later name's record says which model it repeats. Holds one fit's models.
+  content_fits: dict[str, tuple[str, tuple[Ranker, Any, Any, dict[str, Any]]]] = {}
+  content_fit_of: tuple[str, int] | None = None
 
   def protocol_data(protocol: str, seed: int) -> ProtocolData | None:
     if (protocol, seed) not in data_cache:
@@ -163,9 +168,21 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
         info = {"fit": "reused (identical split)"}
       metrics = fit.evaluate_ranker(id_fits[key], pdata)
     else:
-      ranker, fitted, catalogue, info = fit.fit_content_model(
-          model, pdata, opts.config, run_dir, steps=opts.steps, quick=opts.quick,
-          keep=opts.config_overrides)
+      if content_fit_of != (fitted_on, seed):
+        content_fits.clear()
+        content_fit_of = (fitted_on, seed)
+      digest = fit.content_config_digest(model, pdata, opts.config, steps=opts.steps,
+                                         quick=opts.quick, keep=opts.config_overrides)
+      if digest not in content_fits:
+        content_fits[digest] = (model, fit.fit_content_model(
+            model, pdata, opts.config, run_dir, steps=opts.steps, quick=opts.quick,
+            keep=opts.config_overrides))
+      first, (ranker, fitted, catalogue, info) = content_fits[digest]
+      info = dict(info)
+      if first != model:
+        info["same_as"] = first
+        logging.info("%s on %s seed %d: the same config as %s, whose fit is reused", model,
+                     fitted_on, seed, first)
       if fitted_on != data_protocol:
         info["fit"] = f"the {fitted_on} fit (identical split)"
       if protocol == "retrieval":
@@ -266,5 +283,6 @@ def _write_outputs(opts: Options, records: Sequence[Mapping[str, Any]], machine:
   paired = report.paired_differences(records)
   (workdir / "paired.json").write_text(json.dumps(paired, indent=1))
   paths = report.write_plots(workdir, results, opts, records) if plots else []
-  report.write_markdown(workdir / "RESULTS.md", results, opts, machine, wall_s, paths, paired)
+  report.write_markdown(workdir / "RESULTS.md", results, opts, machine, wall_s, paths, paired,
+                        records)
   return results
