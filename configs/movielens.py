@@ -16,7 +16,7 @@ Build the data once (see data_prep/movielens.py), then:
   recipe=NAME     dot (default) | paper: the scoring and training recipe (config_lib.apply_recipe).
                   dot is what the valid ladder of docs/TUNING.md kept (warm_ratio test NDCG@10
                   0.371 +- 0.002 over 3 seeds, §15); paper is the design as first written,
-                  kept to reproduce the earlier numbers (docs/RESULTS.md).
+                  kept to reproduce the earlier numbers (docs/results_paper/RESULTS.md).
 """
 
 import ml_collections

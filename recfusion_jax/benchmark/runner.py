@@ -47,7 +47,9 @@ model minus RecFusion by seed with a 95% t interval; retrieval against chance:
 curves from each run's ``metrics.jsonl``) and ``ablation_ndcg.png``; each run's directory is
 ``runs/<split>/<protocol>/<model>/seed<k>`` (RecFusion checkpoints there are resumed, so an
 interrupted benchmark continues where it stopped; use a fresh workdir for new settings).
-Results are rewritten after every run.
+Results are rewritten after every run. Content models whose configs resolve to the same one
+on a protocol and seed (an ablation that the recipe's fields already apply there) are trained
+once; the later name's record carries ``info.same_as``.
 """
 
 from __future__ import annotations
