@@ -126,12 +126,12 @@ def test_models_with_one_config_are_fitted_once(tmp_path):
   """Where the base config already weighs sources uniformly, the mean-fusion ablation is
   RecFusion itself: trained once, its records say so, and it is no paired comparison."""
   base = _tiny_suite_config()
-  ablated = runner.fit.content_config_digest
+  digest = runner.fit.content_config_digest
   pdata = types.SimpleNamespace(protocol="cold_items", seed=0)   # all the digest reads
   assert base.model.fusion != "mean"
-  assert ablated("RecFusion", pdata, base) != ablated("RecFusion-mean_fusion", pdata, base)
+  assert digest("RecFusion", pdata, base) != digest("RecFusion-mean_fusion", pdata, base)
   base.model.fusion = "mean"
-  assert ablated("RecFusion", pdata, base) == ablated("RecFusion-mean_fusion", pdata, base)
+  assert digest("RecFusion", pdata, base) == digest("RecFusion-mean_fusion", pdata, base)
 
   opts = dataclasses.replace(_options(tmp_path, models=("RecFusion", "RecFusion-mean_fusion"),
                                       protocols=("cold_items", "retrieval"), seeds=(0,)),

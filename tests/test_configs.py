@@ -59,8 +59,8 @@ def _fields(config):
 
 def test_dot_recipe_sets_each_protocol_its_own_fields():
   """The runner points one base config at each protocol: loo gets next-item rows on a causal
-  pooled user, cold_items the softmax and mean fusion, the rest the plain fields; whatever the base was built
-  for. Other fields (and a --config override of them) are shared."""
+  pooled user, cold_items the softmax and mean fusion, the rest the plain fields; whatever the
+  base was built for. Other fields (and a --config override of them) are shared."""
   from recfusion_jax.benchmark.fit import content_config  # pylint: disable=import-outside-toplevel
   plain = ("cloze", "pool", False, 0, 768, "all_others", "squared", 5.0, 0.1, 500, 0, "sum",
            "residual")
