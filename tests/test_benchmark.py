@@ -184,6 +184,32 @@ def test_aggregate_mean_and_sample_std():
   assert entry["num_seeds"] == 2 and entry["wall_s"] == pytest.approx(2.0)
 
 
+def test_merged_wall_time_counts_overlapping_runs_once():
+  """The union of the runs' [start, end] intervals, against a count of the covered seconds
+  (integer times, so a one-second grid is exact); untimed records fall back to the sum and
+  say so."""
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    starts = rng.integers(0, 200, size=8)
+    ends = starts + rng.integers(1, 40, size=8)
+    records = [{"wall_s": float(e - s), "started_at": float(s), "finished_at": float(e)}
+               for s, e in zip(starts, ends)]
+    covered = np.zeros(300, bool)
+    for s, e in zip(starts, ends):
+      covered[s:e] = True
+    wall_s, note = runner.merged_wall_time(records)
+    assert wall_s == pytest.approx(covered.sum())
+    assert f"first start to last end {(ends.max() - starts.min()) / 60:.1f} min" in note
+  # Two invocations side by side and a third a day later: 10 + 5 s, not 10 + 8 + 5.
+  side_by_side = [{"wall_s": 10.0, "started_at": 0.0, "finished_at": 10.0},
+                  {"wall_s": 8.0, "started_at": 1.0, "finished_at": 9.0},
+                  {"wall_s": 5.0, "started_at": 86400.0, "finished_at": 86405.0}]
+  assert runner.merged_wall_time(side_by_side)[0] == pytest.approx(15.0)
+  untimed = side_by_side + [{"wall_s": 2.0}]
+  wall_s, note = runner.merged_wall_time(untimed)
+  assert wall_s == pytest.approx(25.0) and "1 of 4 runs carry no start and end times" in note
+
+
 def test_paired_differences_match_a_hand_computed_t_interval():
   """Each model minus RecFusion per seed (only seeds both ran), the t interval from tabulated
   critical values; retrieval against chance, 10 / candidates; one seed gives no interval."""
@@ -304,8 +330,10 @@ def test_cli_sharded_run_merges_into_the_unsharded_result(tmp_path):
   # The content model's missing_modality run scored its warm_ratio fit (the same split).
   mm = next(r for r in rows if r["model"] == "RecFusion" and r["protocol"] == "missing_modality")
   assert mm["run_dir"] == os.path.join("runs", "test", "warm_ratio", "RecFusion", "seed0")
+  assert all(r["finished_at"] >= r["started_at"] for r in rows)
   with open(os.path.join(workdir, "RESULTS.md")) as f:
-    assert "--shard 1/2" in f.read()
+    text = f.read()
+  assert "--shard 1/2" in text and "runs that overlapped count once" in text
 
 
 def test_valid_curve_scores_valid_as_the_runner_does(tmp_path):

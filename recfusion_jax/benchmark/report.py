@@ -172,14 +172,14 @@ def _repeated_fits(records: Sequence[Mapping[str, Any]], protocol: str
 def write_markdown(path: str | os.PathLike, results: Mapping[str, Any], opts: "Options",
                    machine: str, total_wall_s: float, plots: Sequence[str | os.PathLike],
                    paired: Mapping[str, Any] | None = None,
-                   records: Sequence[Mapping[str, Any]] = ()) -> None:
+                   records: Sequence[Mapping[str, Any]] = (), wall_note: str = "") -> None:
   """RESULTS.md: command, machine, protocol notes, one table per protocol and the paired
-  differences."""
+  differences. ``wall_note`` says how a merged run's total wall time was counted."""
   lines = [f"# RecFusion-JAX benchmark: {opts.suite}", "",
            f"- command: `{opts.command}`",
            f"- machine: {machine}",
            f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}; total wall time "
-           f"{total_wall_s / 60:.1f} min",
+           f"{total_wall_s / 60:.1f} min" + (f" ({wall_note})" if wall_note else ""),
            f"- scored on `{opts.split}`; "
            + ("hyper-parameters tuned on `valid` with train-only fits, final fits on "
               "train + valid" if opts.split == "test" and opts.refit else

@@ -159,7 +159,7 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
         fingerprints.get((fitted_on, seed)) != fingerprints[(data_protocol, seed)]):
       fitted_on = data_protocol   # not shown to be the same split: fit it separately
     run_dir = workdir / "runs" / opts.split / fitted_on / model / f"seed{seed}"
-    tick = time.perf_counter()
+    tick, started_at = time.perf_counter(), time.time()
     logging.info("[%d/%d] %s seed %d %s ...", n, len(jobs), protocol, seed, model)
     if model in BASELINES:
       key = (model, seed, fingerprints[(data_protocol, seed)])
@@ -195,7 +195,8 @@ def run_benchmark(opts: Options) -> dict[str, Any]:
     logging.info("[%d/%d] %s seed %d %s: %s (%.1f s)", n, len(jobs), protocol, seed, model,
                  report.summary(metrics), wall)
     records.append({"protocol": protocol, "model": model, "seed": seed, "metrics": metrics,
-                    "wall_s": wall, "info": info,
+                    "wall_s": wall, "started_at": started_at, "finished_at": time.time(),
+                    "info": info,
                     "run_dir": os.fspath(run_dir.relative_to(workdir))})
     _write_outputs(opts, records, machine, time.perf_counter() - start, plots=False)
   results = _write_outputs(opts, records, machine, time.perf_counter() - start, plots=True)
@@ -255,27 +256,46 @@ def _merge_shards(opts: Options, machine: str) -> dict[str, Any]:
   paths = sorted(workdir.glob("results_per_seed.shard*.jsonl"))
   if not paths:
     raise FileNotFoundError(f"no results_per_seed.shard*.jsonl in {opts.workdir}")
-  # The suite's wall time: the shards of one invocation run side by side (its longest shard
-  # counts), separate invocations one after another (they add up).
   records: list[dict[str, Any]] = []
-  shard_sums: dict[str, list[float]] = {}
   for path in paths:
-    shard = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    records += shard
-    digest = path.name.rsplit(".", 2)[-2]
-    shard_sums.setdefault(digest, []).append(sum(r["wall_s"] for r in shard))
-  wall_s = sum(max(sums) for sums in shard_sums.values())
+    records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  wall_s, wall_note = merged_wall_time(records)
   commands = []
   for path in sorted(workdir.glob("command.shard*.txt")):
     commands.append(path.read_text().strip())
   logging.info("merged %d runs from %d shards", len(records), len(paths))
   merged = dataclasses.replace(opts, shard=(0, 1),
                                command=" & ".join(commands + [opts.command]))
-  return _write_outputs(merged, records, machine, wall_s, plots=True)
+  return _write_outputs(merged, records, machine, wall_s, plots=True, wall_note=wall_note)
+
+
+def merged_wall_time(records: Sequence[Mapping[str, Any]]) -> tuple[float, str]:
+  """(seconds, how they were counted) that the runs of ``records`` took on the clock.
+
+  Shards and invocations merged into one workdir may have run side by side, one after
+  another or days apart, so neither the sum of their times nor first start to last end is
+  the suite's cost: the union of the runs' [start, end] intervals is (time with at least one
+  run in progress). Records written before runs carried timestamps cannot be placed on the
+  clock; their wall times are then summed, and the note says so.
+  """
+  untimed = [r for r in records if "started_at" not in r or "finished_at" not in r]
+  if untimed:
+    return (float(sum(r["wall_s"] for r in records)),
+            f"the sum of every run's time: {len(untimed)} of {len(records)} runs carry no "
+            "start and end times, so runs that overlapped count twice")
+  wall_s, covered_until = 0.0, -np.inf
+  for start, end in sorted((r["started_at"], r["finished_at"]) for r in records):
+    if end > covered_until:
+      wall_s += end - max(start, covered_until)
+      covered_until = end
+  first = min(r["started_at"] for r in records)
+  last = max(r["finished_at"] for r in records)
+  return wall_s, (f"time with at least one run in progress; runs that overlapped count once; "
+                  f"first start to last end {(last - first) / 60:.1f} min")
 
 
 def _write_outputs(opts: Options, records: Sequence[Mapping[str, Any]], machine: str,
-                   wall_s: float, plots: bool) -> dict[str, Any]:
+                   wall_s: float, plots: bool, wall_note: str = "") -> dict[str, Any]:
   results = report.aggregate(records)
   fit.write_jsonl(_records_path(opts), records)
   if opts.shard[1] > 1:
@@ -286,5 +306,5 @@ def _write_outputs(opts: Options, records: Sequence[Mapping[str, Any]], machine:
   (workdir / "paired.json").write_text(json.dumps(paired, indent=1))
   paths = report.write_plots(workdir, results, opts, records) if plots else []
   report.write_markdown(workdir / "RESULTS.md", results, opts, machine, wall_s, paths, paired,
-                        records)
+                        records, wall_note=wall_note)
   return results
