@@ -287,6 +287,9 @@ def test_shards_partition_the_runs_and_keep_shared_fits_together():
   assert {s for p, s, m in every if m == "RecFusion" and p == "loo"} == {0, 1, 2}
   assert {s for p, s, m in every if m in ("ease", "text_only")} == {0}
   assert protocols.split_seed("loo", 2) == 0 and protocols.split_seed("cold_items", 2) == 2
+  # Retrieval alone (rescoring cold_items checkpoints): its fit protocol is not in the list.
+  alone = dataclasses.replace(opts, protocols=("retrieval",), models=("RecFusion",))
+  assert runner.shard_jobs(alone) == [("retrieval", s, "RecFusion") for s in (0, 1, 2)]
 
 
 def _cli(workdir, *args):

@@ -230,8 +230,11 @@ def shard_jobs(opts: Options) -> list[tuple[str, int, str]]:
     if target == k:
       mine.append(key)
   order = {p: i for i, p in enumerate(opts.protocols)}
+  # A run whose fit protocol is not asked for (``--protocols retrieval`` alone rescoring the
+  # cold_items checkpoints) sorts by its own protocol.
+  fit_order = lambda p: order.get(fit_protocol(p, "RecFusion"), order[p])
   return sorted((job for key in mine for job in groups[key]),
-                key=lambda j: (j[1], order[fit_protocol(j[0], "RecFusion")], order[j[0]]))
+                key=lambda j: (j[1], fit_order(j[0]), order[j[0]]))
 
 
 def _shard_name(opts: Options) -> str:
