@@ -59,8 +59,8 @@ def _fields(config):
 
 def test_dot_recipe_sets_each_protocol_its_own_fields():
   """The runner points one base config at each protocol: loo gets next-item rows on a causal
-  pooled user, cold_items the softmax and mean fusion, the rest the plain fields; whatever the
-  base was built for. Other fields (and a --config override of them) are shared."""
+  pooled user, cold_items the softmax and mean fusion, cold_users short cloze histories, the
+  rest the plain fields; whatever the base was built for. Other fields are shared."""
   from recfusion_jax.benchmark.fit import content_config  # pylint: disable=import-outside-toplevel
   plain = ("cloze", "pool", False, 0, 768, "all_others", "squared", 5.0, 0.1, 500, 0, "sum",
            "residual")
@@ -74,11 +74,12 @@ def test_dot_recipe_sets_each_protocol_its_own_fields():
   }
   for built_for in ("warm_ratio", "loo", "cold_items"):
     base = movielens.get_config(f"size=small,protocol={built_for},recipe=dot")
-    base.data.target_share = 0.5   # as --config.data.target_share=0.5 would
+    base.data.target_share = 0.5   # a field no recipe entry but cold_users' sets
     for protocol, fields in expected.items():
       config = content_config("RecFusion", base, protocol, 0)
       assert _fields(config) == fields, (built_for, protocol)
-      assert config.data.protocol == protocol and config.data.target_share == 0.5
+      assert config.data.protocol == protocol
+      assert config.data.target_share == (0.97 if protocol == "cold_users" else 0.5), protocol
       config_validation.validate(config, training=True)
     assert base.protocol_fields_for == ""   # the base itself is never pointed anywhere
   paper = content_config("RecFusion", movielens.get_config("size=small,recipe=paper"), "loo", 0)
