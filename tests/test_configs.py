@@ -79,7 +79,7 @@ def test_dot_recipe_sets_each_protocol_its_own_fields():
       config = content_config("RecFusion", base, protocol, 0)
       assert _fields(config) == fields, (built_for, protocol)
       assert config.data.protocol == protocol
-      assert config.data.target_share == (0.97 if protocol == "cold_users" else 0.5), protocol
+      assert config.data.target_share == (0.995 if protocol == "cold_users" else 0.5), protocol
       config_validation.validate(config, training=True)
     assert base.protocol_fields_for == ""   # the base itself is never pointed anywhere
   paper = content_config("RecFusion", movielens.get_config("size=small,recipe=paper"), "loo", 0)
