@@ -354,6 +354,30 @@ def test_valid_curve_scores_valid_as_the_runner_does(tmp_path):
   np.testing.assert_allclose(rows[-1]["NDCG@10"], score, atol=5e-5)   # the curve rounds to 4 places
 
 
+def test_valid_curve_scores_with_a_source_hidden():
+  """--score_without: hiding content from an ID-only model changes nothing (it has none); hiding
+  the ID from RecFusion scores its items from content alone, as cold items are scored."""
+  from recfusion_jax.benchmark import curve  # pylint: disable=import-outside-toplevel
+  base = _tiny_suite_config()
+  base.optimizer.warmup_steps = 1
+  (row,) = curve.valid_curve("id_only", base, "warm_ratio", 0, steps=2, eval_every=2,
+                             score_without=("content",))
+  assert row["NDCG@10 without content"] == row["NDCG@10"]
+  assert row["HR@10 without content"] == row["HR@10"]
+  (row,) = curve.valid_curve("RecFusion", base, "warm_ratio", 0, steps=2, eval_every=2,
+                             score_without=("id", "content"))
+  assert all(0.0 <= row[f"NDCG@10 without {s}"] <= row[f"HR@10 without {s}"] <= 1.0
+             for s in ("id", "content"))
+  catalogue = protocols.load_protocol(base, "warm_ratio", 0, split="valid").fit.catalogue
+  no_content = curve.catalogue_without(catalogue, "content")
+  assert not no_content.presence.any() and np.array_equal(no_content.has_id, catalogue.has_id)
+  assert not np.any(no_content.text_ids) and not np.any(no_content.image)
+  no_id = curve.catalogue_without(catalogue, "id")
+  assert not no_id.has_id.any() and np.array_equal(no_id.presence, catalogue.presence)
+  with pytest.raises(ValueError, match="score_without"):
+    curve.catalogue_without(catalogue, "text")
+
+
 def test_content_fit_length_is_chosen_on_valid_then_refit(tmp_path):
   config = _tiny_suite_config()
   config.validation.every = 2

@@ -5,6 +5,10 @@ steps with the runner's exact evaluation (same exclusion, tie rule and candidate
       --model RecFusion --protocol warm_ratio --seed 0 --steps 1500 --eval_every 250 \
       --out runs/curves.jsonl
 
+``--score_without content,id`` also scores each evaluation with that source hidden from every
+item (the missing_modality protocol's masking, applied to all modalities; cold items' scoring
+from content alone for ``id``): one fit then shows what each path contributes at scoring time.
+
 This is how training length and settings are chosen (docs/TUNING.md): the runner then trains
 each fit for the chosen ``--steps`` and scores ``test`` once. It keeps its own short loop
 because ``train.train_model`` evaluates once, at the end; it has no checkpoints, no resume and
@@ -13,6 +17,7 @@ one device: a tuning tool, not a training entry point.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -29,7 +34,7 @@ from recfusion_jax import model_eval, paths, sharding, train
 from recfusion_jax.baselines.common import rank_split
 from recfusion_jax.benchmark import protocols, registry
 from recfusion_jax.benchmark.fit import _with_catalogue, content_config
-from recfusion_jax.data import examples, pipeline
+from recfusion_jax.data import examples, movielens, pipeline, types
 
 
 def define_flags() -> None:
@@ -43,16 +48,35 @@ def define_flags() -> None:
   flags.DEFINE_integer("steps", 1000, "Training steps (the schedule decays over these).")
   flags.DEFINE_integer("eval_every", 250, "Score valid every this many steps.")
   flags.DEFINE_string("out", None, "JSONL file the curve is appended to (optional).")
+  flags.DEFINE_list("score_without", [], "Also score valid with these sources hidden from "
+                    "every item: content (all modalities), id.")
+
+SOURCES_TO_HIDE = ("content", "id")
+
+
+def catalogue_without(catalogue: types.Catalogue, source: str) -> types.Catalogue:
+  """``catalogue`` with ``source`` hidden from every item: ``content`` zeroes and unflags every
+  modality (as missing_modality hides one), ``id`` scores every item as a cold item is."""
+  if source == "content":
+    return movielens.apply_presence(catalogue, np.zeros_like(catalogue.presence))
+  if source == "id":
+    return dataclasses.replace(catalogue, has_id=np.zeros_like(catalogue.has_id))
+  raise ValueError(f"--score_without {source!r}; choose from {SOURCES_TO_HIDE}")
+
 
 def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_every: int, *,
-                keep: Collection[str] = ()) -> list[dict[str, float]]:
+                keep: Collection[str] = (), score_without: Collection[str] = ()
+                ) -> list[dict[str, float]]:
   """Rows {step, epoch, NDCG@10, HR@10, train_s, <last logged losses>} every ``eval_every``.
-  ``keep``: the --config overrides, which win over the recipe's per-protocol fields."""
+  ``keep``: the --config overrides, which win over the recipe's per-protocol fields.
+  ``score_without``: sources (``SOURCES_TO_HIDE``) each scored hidden as well, as
+  ``"NDCG@10 without <source>"`` and ``"HR@10 without <source>"``."""
   if steps < 1 or eval_every < 1:
     raise ValueError(f"steps and eval_every must be >= 1, got {steps}, {eval_every}")
   config = content_config(name, base, protocol, seed, steps=steps, keep=keep)
   pdata = protocols.load_protocol(config, protocol, seed, split="valid")
   fit = _with_catalogue(pdata.fit, pdata.fit.catalogue, config.data.get("text_len"))
+  hidden = {source: catalogue_without(fit.catalogue, source) for source in score_without}
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   index = examples.TrainExampleIndex.build(fit)
   example = config.data.get("example", "interaction")
@@ -77,17 +101,26 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
     if step % eval_every and step != steps:
       continue
     trained, _ = nnx.merge(graphdef, state)
-    ranker = model_eval.model_ranker(trained, fit, fit.catalogue,
-                                     history_len=config.model.user.history_len,
-                                     chunk=config.eval_block_size)
-    result = rank_split(ranker, fit, pdata.heldout, candidate_items=pdata.candidate_items)
+
+    def score(catalogue: types.Catalogue) -> dict[str, float]:
+      ranker = model_eval.model_ranker(trained, fit, catalogue,
+                                       history_len=config.model.user.history_len,
+                                       chunk=config.eval_block_size)
+      return rank_split(ranker, fit, pdata.heldout, candidate_items=pdata.candidate_items)
+
+    result = score(fit.catalogue)
+    ablated = {}
+    for source, catalogue in hidden.items():
+      scores = score(catalogue)
+      ablated.update({f"{k} without {source}": round(float(scores[k]), 4)
+                      for k in ("NDCG@10", "HR@10")})
     losses = {k: round(float(v), 4) for k, v in jax.device_get(metrics).items()
               if np.ndim(v) == 0}
     curve.append({"step": step,
                   "epoch": pipeline.epochs(step, config.batch_size, rows_per_epoch, digits=2),
                   "NDCG@10": round(float(result["NDCG@10"]), 4),
-                  "HR@10": round(float(result["HR@10"]), 4), "train_s": round(train_s, 1),
-                  **losses})
+                  "HR@10": round(float(result["HR@10"]), 4), **ablated,
+                  "train_s": round(train_s, 1), **losses})
     print(json.dumps(curve[-1]), flush=True)
   return curve
 
@@ -96,7 +129,8 @@ def main(argv: Sequence[str]) -> None:
   del argv
   f = flags.FLAGS
   curve = valid_curve(f.model, f.config, f.protocol, f.seed, f.steps, f.eval_every,
-                      keep=config_flags.get_override_values(f["config"]))
+                      keep=config_flags.get_override_values(f["config"]),
+                      score_without=f.score_without)
   best = max(curve, key=lambda row: row["NDCG@10"])
   print("best", json.dumps(best))
   if f.out:
