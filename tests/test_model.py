@@ -164,6 +164,30 @@ def test_recommender_scores_equal_training_logits(variant):
   np.testing.assert_array_equal(out["candidates"], cat.has_id)
 
 
+def test_content_dropout_hides_catalogue_content_in_training_only():
+  """model.content_dropout = 1 scores the catalogue term's items from their IDs alone (the
+  users unchanged); in eval mode nothing is hidden."""
+  config = tiny_config(**{**DOT_RESIDUAL, "model.item_id.dropout": 0.0,
+                          "model.content_dropout": 1.0})
+  model = _model(config)
+  content = jax.random.normal(jax.random.key(1), (NUM_ITEMS, 3, config.model.embed_dim))
+  model.write_cache(jnp.arange(NUM_ITEMS), content, jnp.ones((NUM_ITEMS, 3), bool),
+                    jnp.ones(NUM_ITEMS, bool), jnp.ones(NUM_ITEMS, bool))
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=np.ones((B, 3), bool))
+  batch["item_has_id"][:] = True
+  users = model.encode_users(*(jnp.asarray(batch[k]) for k in
+                               ("user_id", "user_has_id", "history", "history_mask")))
+  model.train()
+  dropped = np.asarray(model(batch, full_catalogue=True, users=users)["catalogue_logits"])
+  model.eval()
+  kept = np.asarray(model(batch, full_catalogue=True, users=users)["catalogue_logits"])
+  model.cache_presence[...] = jnp.zeros_like(model.cache_presence[...])
+  id_only = np.asarray(model(batch | {"presence": np.zeros((B, 3), bool)}, full_catalogue=True,
+                             users=users)["catalogue_logits"])
+  np.testing.assert_allclose(dropped, id_only, rtol=1e-5, atol=1e-6)
+  assert np.abs(kept - id_only).max() > 1e-3
+
+
 def test_full_catalogue_term_does_not_train_the_encoder():
   """The catalogue softmax reads stop-gradient content: a pull on the positives without a
   push on the cached negatives would collapse the encoder (see RecFusion.__call__)."""

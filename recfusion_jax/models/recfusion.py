@@ -131,6 +131,10 @@ class RecFusion(nnx.Module):
     # ID dropout (as in DropoutNet): hiding the ID source for a share of training positives
     # teaches the gate and the user model to score from content alone -- what cold items need.
     self.id_dropout = nnx.Dropout(cfg.item_id.dropout, rngs=rngs)
+    # Content dropout, the converse: hiding an item's modalities in the catalogue term makes the
+    # ID path score on its own, where joint training otherwise lets cached content stand in for
+    # it (loo: the ID path of a jointly trained model alone well below the ID-only model's).
+    self.content_dropout = nnx.Dropout(cfg.get("content_dropout", 0.0), rngs=rngs)
     self.fusion = Fusion(cfg.fusion, len(self.sources), d, cfg.gate_dim, cfg.gate_hidden,
                          rngs=rngs, has_id_source=self.use_item_id)
     u = cfg.user
@@ -303,6 +307,8 @@ class RecFusion(nnx.Module):
     if self.use_item_id and not hide_ids:
       # One draw per catalogue item, so an item's positive and negative uses agree.
       has = trained & (self.id_dropout(jnp.ones(trained.shape)) > 0)
+      # One draw per (item, modality): items with one modality hidden, as missing_modality has.
+      present = present & (self.content_dropout(jnp.ones(present.shape)) > 0)
     table = self.item_table(jnp.arange(self.num_items), has, jax.lax.stop_gradient(emb), present)
     return table, trained
 
