@@ -29,6 +29,9 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   # False: the in-batch term (content alone) trains the encoder and gate toward the user model
   # but does not move the user model, which the catalogue term alone then trains.
   m.in_batch_user_gradient = True
+  # Per-user (cloze / next-item) batches: False scores the in-batch term from content alone
+  # (what cold items need); True from every source, the ID included.
+  m.in_batch_with_id = False
   m.history_fusion = "gated"   # history item vectors: gated (by a context) | sum (ID + content)
   #                              | id (IDs only: no content in the user model)
   m.gate_dim = 16

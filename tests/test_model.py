@@ -615,6 +615,29 @@ def test_per_user_batches_train(kind, form):
   assert history[-1] < (history[0] - 0.5 if form == "softmax" else 0.5 * history[0]), history
 
 
+@pytest.mark.parametrize("with_id", [False, True])
+def test_in_batch_term_of_per_user_rows_reads_the_id_only_when_asked(with_id):
+  """Per-user rows score the in-batch term from content alone (the ID table cannot move it)
+  unless ``model.in_batch_with_id``, which scores it from every source."""
+  from recfusion_jax.data import examples  # pylint: disable=import-outside-toplevel
+  from recfusion_jax.data.synthetic import make_synthetic  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{**DOT_RESIDUAL, "model.item_id.dropout": 0.0,
+                          "model.in_batch_with_id": with_id})
+  data = make_synthetic(config.data.synthetic, num_items=NUM_ITEMS, num_users=NUM_USERS,
+                        min_interactions=4, max_interactions=9,
+                        image_size=config.model.encoder.image.size)
+  index = examples.TrainExampleIndex.build(data)
+  batch = examples.make_user_batch(
+      data, index, np.arange(B), history_len=config.model.user.history_len,
+      log_q=examples.item_log_q(data), batch_size=B, kind="cloze", target_share=0.3, seed=0)
+  model = _model(config)
+  model.eval()
+  before = np.asarray(model(batch)["logits"])
+  model.item_embeddings.embedding[...] = model.item_embeddings.embedding[...] + 1.0
+  moved = np.abs(np.asarray(model(batch)["logits"]) - before).max()
+  assert (moved > 1e-3) if with_id else (moved == 0.0)
+
+
 def test_sampled_next_positions_score_the_same_states_as_every_position():
   """Next-item rows with ``target_positions`` score those slots' user states only: the same
   catalogue logits as the every-position batch at those slots, and with every slot drawn (in

@@ -78,6 +78,7 @@ class RecFusion(nnx.Module):
       raise ValueError(f"model.scoring={self.scoring!r}; choose from {SCORINGS}")
     self.history_fusion = cfg.get("history_fusion", "gated")
     self.in_batch_user_gradient = bool(cfg.get("in_batch_user_gradient", True))
+    self.in_batch_with_id = bool(cfg.get("in_batch_with_id", False))
     if self.history_fusion not in HISTORY_FUSIONS:
       raise ValueError(f"model.history_fusion={self.history_fusion!r}; choose from "
                        f"{HISTORY_FUSIONS}")
@@ -329,7 +330,8 @@ class RecFusion(nnx.Module):
     average user.
 
     Per-user batches (with ``targets``) score the in-batch term from content alone (ID hidden):
-    the encoder and the gate learn to stand without the ID, which cold items need.
+    the encoder and the gate learn to stand without the ID, which cold items need;
+    ``model.in_batch_with_id`` scores it from every source instead, as an ID-only model's is.
 
     ``content``: the batch's (content_emb [B, M, d], presence [B, M]) computed elsewhere (the
     gradient-caching step encodes them in micro-batches, ``recfusion_jax.gradcache``); the
@@ -351,7 +353,7 @@ class RecFusion(nnx.Module):
     last = ({k: v[:, -1] if v is not None else None for k, v in users.items()}
             if per_position else users)
     has_id = batch["item_has_id"]
-    if per_user and self.modalities:
+    if per_user and self.modalities and not self.in_batch_with_id:
       has_id = jnp.zeros_like(has_id)
     elif self.use_item_id:
       has_id = has_id & (self.id_dropout(jnp.ones(has_id.shape)) > 0)
