@@ -378,6 +378,40 @@ def test_valid_curve_scores_with_a_source_hidden():
     curve.catalogue_without(catalogue, "text")
 
 
+def test_staged_curve_holds_the_id_side_it_starts_from():
+  """--staged: the second fit starts from the ID-only fit's shared parameters and keeps them
+  exactly (no update, no weight decay), while the content side trains."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from recfusion_jax.benchmark import curve  # pylint: disable=import-outside-toplevel
+  from recfusion_jax import train  # pylint: disable=import-outside-toplevel
+  from recfusion_jax.benchmark.fit import _with_catalogue, content_config  # pylint: disable=import-outside-toplevel
+  base = _tiny_suite_config()
+  base.optimizer.warmup_steps = 1
+  base.optimizer.weight_decay = 0.5
+  rows = curve.valid_curve("RecFusion", base, "warm_ratio", 0, steps=2, eval_every=2,
+                           staged=True)
+  assert [r.get("stage") for r in rows] == ["id_only", None]
+  pdata = protocols.load_protocol(base, "warm_ratio", 0, split="valid")
+  fit = _with_catalogue(pdata.fit, pdata.fit.catalogue, base.data.get("text_len"))
+  id_config = content_config("id_only", base, "warm_ratio", 0, steps=2)
+  _, id_model = curve._train_and_score(id_config, pdata, fit, 2, 2, {})
+  held = nnx.state(id_model, nnx.Param).flat_state()
+  config = content_config("RecFusion", base, "warm_ratio", 0, steps=2)
+  _, model = curve._train_and_score(config, pdata, fit, 2, 2, {}, start_from=held)
+  params = dict(nnx.state(model, nnx.Param).flat_state())
+  id_side = [path for path, _ in held if path[0] in curve.ID_SIDE]
+  assert ("item_embeddings", "embedding") in id_side and any(
+      p[0] == "user_encoder" for p in id_side)
+  for path, variable in held:
+    if path[0] in curve.ID_SIDE:
+      np.testing.assert_array_equal(params[path].get_value(), variable.get_value())
+  # The held values are the ID-only fit's, not the init's; the content side trains from its init.
+  init = dict(nnx.state(train.create_model(config, fit), nnx.Param).flat_state())
+  moved = lambda p: np.abs(np.asarray(params[p].get_value()) - init[p].get_value()).max() > 1e-4
+  assert moved(("item_embeddings", "embedding"))
+  assert any(moved(p) for p in params if p[0] == "encoder")
+
+
 def test_content_fit_length_is_chosen_on_valid_then_refit(tmp_path):
   config = _tiny_suite_config()
   config.validation.every = 2

@@ -25,7 +25,9 @@ from typing import Collection, Sequence
 
 from absl import app, flags
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 from etils import epath
 from flax import nnx
 from ml_collections import config_flags
@@ -35,6 +37,7 @@ from recfusion_jax.baselines.common import rank_split
 from recfusion_jax.benchmark import protocols, registry
 from recfusion_jax.benchmark.fit import _with_catalogue, content_config
 from recfusion_jax.data import examples, movielens, pipeline, types
+from recfusion_jax.models.recfusion import RecFusion
 
 
 def define_flags() -> None:
@@ -50,8 +53,13 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "JSONL file the curve is appended to (optional).")
   flags.DEFINE_list("score_without", [], "Also score valid with these sources hidden from "
                     "every item: content (all modalities), id.")
+  flags.DEFINE_bool("staged", False, "Train the ID-only form first, then --model from it with "
+                    "the shared (ID-side) parameters held.")
 
 SOURCES_TO_HIDE = ("content", "id")
+# What the ID-only form trains (top-level modules of RecFusion): --staged holds these.
+ID_SIDE = ("item_embeddings", "history_embeddings", "item_bias", "item_item", "user_encoder",
+           "log_temperature")
 
 
 def catalogue_without(catalogue: types.Catalogue, source: str) -> types.Catalogue:
@@ -65,26 +73,68 @@ def catalogue_without(catalogue: types.Catalogue, source: str) -> types.Catalogu
 
 
 def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_every: int, *,
-                keep: Collection[str] = (), score_without: Collection[str] = ()
-                ) -> list[dict[str, float]]:
+                keep: Collection[str] = (), score_without: Collection[str] = (),
+                staged: bool = False) -> list[dict[str, float]]:
   """Rows {step, epoch, NDCG@10, HR@10, train_s, <last logged losses>} every ``eval_every``.
   ``keep``: the --config overrides, which win over the recipe's per-protocol fields.
   ``score_without``: sources (``SOURCES_TO_HIDE``) each scored hidden as well, as
-  ``"NDCG@10 without <source>"`` and ``"HR@10 without <source>"``."""
+  ``"NDCG@10 without <source>"`` and ``"HR@10 without <source>"``.
+  ``staged``: first train the ID-only form for ``steps`` (its rows carry ``"stage": "id_only"``),
+  then ``name`` for ``steps`` from it: its ID side (``ID_SIDE``: the ID tables, the user model,
+  the item bias, the scoring temperature) copied and held, so only the content side trains."""
   if steps < 1 or eval_every < 1:
     raise ValueError(f"steps and eval_every must be >= 1, got {steps}, {eval_every}")
   config = content_config(name, base, protocol, seed, steps=steps, keep=keep)
   pdata = protocols.load_protocol(config, protocol, seed, split="valid")
   fit = _with_catalogue(pdata.fit, pdata.fit.catalogue, config.data.get("text_len"))
   hidden = {source: catalogue_without(fit.catalogue, source) for source in score_without}
+  if not staged:
+    return _train_and_score(config, pdata, fit, steps, eval_every, hidden)[0]
+  id_config = content_config("id_only", base, protocol, seed, steps=steps, keep=keep)
+  first, id_model = _train_and_score(id_config, pdata, fit, steps, eval_every, {})
+  held = nnx.state(id_model, nnx.Param).flat_state()
+  second, _ = _train_and_score(config, pdata, fit, steps, eval_every, hidden, start_from=held)
+  return [{"stage": "id_only", **row} for row in first] + second
+
+
+def _train_and_score(config, pdata, fit, steps: int, eval_every: int, hidden, *,
+                     start_from=None) -> tuple[list[dict[str, float]], RecFusion]:
+  """(rows, trained model) of one fit of ``config`` (``valid_curve``'s loop). ``start_from``:
+  a flat Param state whose ``ID_SIDE`` entries are copied into the model and held (their
+  updates zeroed, weight decay included)."""
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   index = examples.TrainExampleIndex.build(fit)
   example = config.data.get("example", "interaction")
   data_iter = pipeline.train_iterator_from_config(config, fit, num_workers=0, index=index,
                                                  log_q=examples.item_log_q(fit))
   tx, schedule = train.make_optimizer(config, steps)
+  held = set()
+  if start_from is not None:
+    shapes = {path: variable.get_value().shape for path, variable in start_from
+              if path[0] in ID_SIDE}
+    _, abstract = nnx.split(nnx.eval_shape(lambda: train.create_model(config, fit)))
+    held = {path for path, variable in nnx.filter_state(abstract, nnx.Param).flat_state()
+            if path in shapes}
+    mismatched = [path for path, variable in nnx.filter_state(abstract, nnx.Param).flat_state()
+                  if path in shapes and shapes[path] != variable.get_value().shape]
+    if not held or mismatched:
+      raise ValueError(f"staged: ID-side parameters to hold {sorted(held)}, of another shape "
+                       f"in the model {mismatched}")
+    # optax's own partition: the held modules get no update at all (weight decay included).
+    tx = optax.multi_transform(
+        {"train": tx, "hold": optax.set_to_zero()},
+        lambda params: jax.tree_util.tree_map_with_path(
+            lambda path, _: "hold" if sharding.path_name(path).split("/")[0] in ID_SIDE
+            else "train", params))
   # train_model's init, so the curve's last row is the runner's score to the last bit.
   graphdef, state, shardings = train.create_sharded_state(config, fit, mesh, tx)
+  if held:
+    model, optimizer = nnx.merge(graphdef, state)
+    model_params = dict(nnx.state(model, nnx.Param).flat_state())
+    for path, variable in start_from:
+      if path in held:   # a copy: the train step donates its state's buffers
+        model_params[path].set_value(jnp.array(variable.get_value(), copy=True))
+    state = nnx.state((model, optimizer))
   step_fn = train.jit_train_step(graphdef, shardings, mesh, schedule=schedule,
                                  **train.step_settings(config))
   refresh_fn = train._refresh_cache_fn(graphdef, shardings)  # pylint: disable=protected-access
@@ -122,7 +172,8 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
                   "HR@10": round(float(result["HR@10"]), 4), **ablated,
                   "train_s": round(train_s, 1), **losses})
     print(json.dumps(curve[-1]), flush=True)
-  return curve
+  trained, _ = nnx.merge(graphdef, state)
+  return curve, trained
 
 
 def main(argv: Sequence[str]) -> None:
@@ -130,8 +181,8 @@ def main(argv: Sequence[str]) -> None:
   f = flags.FLAGS
   curve = valid_curve(f.model, f.config, f.protocol, f.seed, f.steps, f.eval_every,
                       keep=config_flags.get_override_values(f["config"]),
-                      score_without=f.score_without)
-  best = max(curve, key=lambda row: row["NDCG@10"])
+                      score_without=f.score_without, staged=f.staged)
+  best = max((row for row in curve if "stage" not in row), key=lambda row: row["NDCG@10"])
   print("best", json.dumps(best))
   if f.out:
     out = epath.Path(f.out)
