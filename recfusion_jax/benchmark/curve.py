@@ -8,6 +8,8 @@ steps with the runner's exact evaluation (same exclusion, tie rule and candidate
 ``--score_without content,id`` also scores each evaluation with that source hidden from every
 item (the missing_modality protocol's masking, applied to all modalities; cold items' scoring
 from content alone for ``id``): one fit then shows what each path contributes at scoring time.
+``--staged`` trains the ID-only form first, then the model from it with that ID side held, so
+content trains as a residual on a fixed ID model (docs/TUNING.md §22).
 
 This is how training length and settings are chosen (docs/TUNING.md): the runner then trains
 each fit for the chosen ``--steps`` and scores ``test`` once. It keeps its own short loop
