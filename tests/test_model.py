@@ -186,6 +186,8 @@ def test_content_dropout_hides_catalogue_content_in_training_only():
                              users=users)["catalogue_logits"])
   np.testing.assert_allclose(dropped, id_only, rtol=1e-5, atol=1e-6)
   assert np.abs(kept - id_only).max() > 1e-3
+  # Off, no Dropout is built: building one draws a key, which would move every initial weight.
+  assert _model(tiny_config(**DOT_RESIDUAL)).content_dropout is None
 
 
 def test_full_catalogue_term_does_not_train_the_encoder():

@@ -135,7 +135,10 @@ class RecFusion(nnx.Module):
     # Content dropout, the converse: hiding an item's modalities in the catalogue term makes the
     # ID path score on its own, where joint training otherwise lets cached content stand in for
     # it. At 0.5 it strengthens the ID path but not the fused score (docs/TUNING.md §22).
-    self.content_dropout = nnx.Dropout(cfg.get("content_dropout", 0.0), rngs=rngs)
+    # Built only when used: a Dropout draws a key from ``rngs``, which would shift every later
+    # initial weight and so every earlier measured fit of the default config.
+    rate = cfg.get("content_dropout", 0.0)
+    self.content_dropout = nnx.Dropout(rate, rngs=rngs) if rate else None
     self.fusion = Fusion(cfg.fusion, len(self.sources), d, cfg.gate_dim, cfg.gate_hidden,
                          rngs=rngs, has_id_source=self.use_item_id)
     u = cfg.user
@@ -309,7 +312,8 @@ class RecFusion(nnx.Module):
       # One draw per catalogue item, so an item's positive and negative uses agree.
       has = trained & (self.id_dropout(jnp.ones(trained.shape)) > 0)
       # One draw per (item, modality): items with one modality hidden, as missing_modality has.
-      present = present & (self.content_dropout(jnp.ones(present.shape)) > 0)
+      if self.content_dropout is not None:
+        present = present & (self.content_dropout(jnp.ones(present.shape)) > 0)
     table = self.item_table(jnp.arange(self.num_items), has, jax.lax.stop_gradient(emb), present)
     return table, trained
 
