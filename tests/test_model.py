@@ -579,20 +579,10 @@ def test_transformer_user_under_dot_scoring_starts_at_the_origin(scoring):
     np.testing.assert_allclose(norms, 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind,form", [("cloze", "softmax"), ("next", "softmax"),
-                                       ("cloze", "squared")])
-def test_per_user_batches_train(kind, form):
-  """The dot recipe's per-user rows (cloze with a pooled user, next-item with a causal one)
-  give finite losses whose repeated steps on one batch drive the catalogue term (either form)
-  down."""
-  from recfusion_jax import train  # pylint: disable=import-outside-toplevel
+def _user_rows(config, kind: str):
+  """(synthetic data set, one batch of B per-user rows of ``kind``: cloze or next)."""
   from recfusion_jax.data import examples  # pylint: disable=import-outside-toplevel
   from recfusion_jax.data.synthetic import make_synthetic  # pylint: disable=import-outside-toplevel
-  user = ({"model.user.kind": "pool", "model.user.use_id": False} if kind == "cloze" else
-          {"model.user.kind": "transformer", "model.user.causal": True})
-  config = tiny_config(**{**DOT_RESIDUAL, **user, "model.item_id.dropout": 0.0,
-                          "optimizer.warmup_steps": 1, "optimizer.learning_rate": 1e-2,
-                          "rec_loss": "full"})
   data = make_synthetic(config.data.synthetic, num_items=NUM_ITEMS, num_users=NUM_USERS,
                         min_interactions=4, max_interactions=9,
                         image_size=config.model.encoder.image.size)
@@ -600,6 +590,22 @@ def test_per_user_batches_train(kind, form):
   batch = examples.make_user_batch(
       data, index, np.arange(B), history_len=config.model.user.history_len,
       log_q=examples.item_log_q(data), batch_size=B, kind=kind, target_share=0.3, seed=0)
+  return data, batch
+
+
+@pytest.mark.parametrize("kind,form", [("cloze", "softmax"), ("next", "softmax"),
+                                       ("cloze", "squared")])
+def test_per_user_batches_train(kind, form):
+  """The dot recipe's per-user rows (cloze with a pooled user, next-item with a causal one)
+  give finite losses whose repeated steps on one batch drive the catalogue term (either form)
+  down."""
+  from recfusion_jax import train  # pylint: disable=import-outside-toplevel
+  user = ({"model.user.kind": "pool", "model.user.use_id": False} if kind == "cloze" else
+          {"model.user.kind": "transformer", "model.user.causal": True})
+  config = tiny_config(**{**DOT_RESIDUAL, **user, "model.item_id.dropout": 0.0,
+                          "optimizer.warmup_steps": 1, "optimizer.learning_rate": 1e-2,
+                          "rec_loss": "full"})
+  data, batch = _user_rows(config, kind)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   model = train.create_model(config, data)
   model.cache_has_id[...] = jnp.asarray(data.catalogue.has_id)
@@ -621,17 +627,9 @@ def test_per_user_batches_train(kind, form):
 def test_in_batch_term_of_per_user_rows_reads_the_id_only_when_asked(with_id):
   """Per-user rows score the in-batch term from content alone (the ID table cannot move it)
   unless ``model.in_batch_with_id``, which scores it from every source."""
-  from recfusion_jax.data import examples  # pylint: disable=import-outside-toplevel
-  from recfusion_jax.data.synthetic import make_synthetic  # pylint: disable=import-outside-toplevel
   config = tiny_config(**{**DOT_RESIDUAL, "model.item_id.dropout": 0.0,
                           "model.in_batch_with_id": with_id})
-  data = make_synthetic(config.data.synthetic, num_items=NUM_ITEMS, num_users=NUM_USERS,
-                        min_interactions=4, max_interactions=9,
-                        image_size=config.model.encoder.image.size)
-  index = examples.TrainExampleIndex.build(data)
-  batch = examples.make_user_batch(
-      data, index, np.arange(B), history_len=config.model.user.history_len,
-      log_q=examples.item_log_q(data), batch_size=B, kind="cloze", target_share=0.3, seed=0)
+  _, batch = _user_rows(config, "cloze")
   model = _model(config)
   model.eval()
   before = np.asarray(model(batch)["logits"])
