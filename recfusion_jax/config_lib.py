@@ -134,8 +134,9 @@ def apply_recipe(config: ml_collections.ConfigDict, name: str) -> None:
                      "model": {"fusion": "mean"}},
       # Users known by their first 3 items, ranked against everything they rate later: cloze
       # rows that hide 99.5% of a window train on histories that short (one item kept per 200
-      # of a window, on average; at least one target). ID-only valid NDCG@10 0.5061 / 0.4661 (seeds 0 / 1) against
-      # 0.4012 / 0.3513 for the plain 20% and popularity's 0.4845 / 0.4500 (TUNING §21).
+      # of a window, on average; at least one target). ID-only valid NDCG@10 0.5061 / 0.4661
+      # (seeds 0 / 1) against 0.4012 / 0.3513 for the plain 20% and popularity's 0.4845 /
+      # 0.4500 (TUNING §21).
       "cold_users": {"data": {"target_share": 0.995}},
   })
 

@@ -395,10 +395,10 @@ def test_staged_curve_holds_the_id_side_it_starts_from():
   fit = _with_catalogue(pdata.fit, pdata.fit.catalogue, base.data.get("text_len"))
   id_config = content_config("id_only", base, "warm_ratio", 0, steps=2)
   _, id_model = curve._train_and_score(id_config, pdata, fit, 2, 2, {})
-  held = nnx.state(id_model, nnx.Param).flat_state()
+  held = nnx.to_flat_state(nnx.state(id_model, nnx.Param))
   config = content_config("RecFusion", base, "warm_ratio", 0, steps=2)
   _, model = curve._train_and_score(config, pdata, fit, 2, 2, {}, start_from=held)
-  params = dict(nnx.state(model, nnx.Param).flat_state())
+  params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   id_side = [path for path, _ in held if path[0] in curve.ID_SIDE]
   assert ("item_embeddings", "embedding") in id_side and any(
       p[0] == "user_encoder" for p in id_side)
@@ -406,7 +406,7 @@ def test_staged_curve_holds_the_id_side_it_starts_from():
     if path[0] in curve.ID_SIDE:
       np.testing.assert_array_equal(params[path].get_value(), variable.get_value())
   # The held values are the ID-only fit's, not the init's; the content side trains from its init.
-  init = dict(nnx.state(train.create_model(config, fit), nnx.Param).flat_state())
+  init = dict(nnx.to_flat_state(nnx.state(train.create_model(config, fit), nnx.Param)))
   moved = lambda p: np.abs(np.asarray(params[p].get_value()) - init[p].get_value()).max() > 1e-4
   assert moved(("item_embeddings", "embedding"))
   assert any(moved(p) for p in params if p[0] == "encoder")

@@ -94,7 +94,7 @@ def valid_curve(name: str, base, protocol: str, seed: int, steps: int, eval_ever
     return _train_and_score(config, pdata, fit, steps, eval_every, hidden)[0]
   id_config = content_config("id_only", base, protocol, seed, steps=steps, keep=keep)
   first, id_model = _train_and_score(id_config, pdata, fit, steps, eval_every, {})
-  held = nnx.state(id_model, nnx.Param).flat_state()
+  held = nnx.to_flat_state(nnx.state(id_model, nnx.Param))
   second, _ = _train_and_score(config, pdata, fit, steps, eval_every, hidden, start_from=held)
   return [{"stage": "id_only", **row} for row in first] + second
 
@@ -110,19 +110,8 @@ def _train_and_score(config, pdata, fit, steps: int, eval_every: int, hidden, *,
   data_iter = pipeline.train_iterator_from_config(config, fit, num_workers=0, index=index,
                                                  log_q=examples.item_log_q(fit))
   tx, schedule = train.make_optimizer(config, steps)
-  held = set()
   if start_from is not None:
-    shapes = {path: variable.get_value().shape for path, variable in start_from
-              if path[0] in ID_SIDE}
-    _, abstract = nnx.split(nnx.eval_shape(lambda: train.create_model(config, fit)))
-    held = {path for path, variable in nnx.filter_state(abstract, nnx.Param).flat_state()
-            if path in shapes}
-    mismatched = [path for path, variable in nnx.filter_state(abstract, nnx.Param).flat_state()
-                  if path in shapes and shapes[path] != variable.get_value().shape]
-    if not held or mismatched:
-      raise ValueError(f"staged: ID-side parameters to hold {sorted(held)}, of another shape "
-                       f"in the model {mismatched}")
-    # optax's own partition: the held modules get no update at all (weight decay included).
+    # optax's own partition: the ID side gets no update at all (weight decay included).
     tx = optax.multi_transform(
         {"train": tx, "hold": optax.set_to_zero()},
         lambda params: jax.tree_util.tree_map_with_path(
@@ -130,12 +119,21 @@ def _train_and_score(config, pdata, fit, steps: int, eval_every: int, hidden, *,
             else "train", params))
   # train_model's init, so the curve's last row is the runner's score to the last bit.
   graphdef, state, shardings = train.create_sharded_state(config, fit, mesh, tx)
-  if held:
+  if start_from is not None:
     model, optimizer = nnx.merge(graphdef, state)
-    model_params = dict(nnx.state(model, nnx.Param).flat_state())
+    params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    copied = 0
     for path, variable in start_from:
-      if path in held:   # a copy: the train step donates its state's buffers
-        model_params[path].set_value(jnp.array(variable.get_value(), copy=True))
+      if path[0] not in ID_SIDE:
+        continue
+      value = variable.get_value()
+      if path not in params or params[path].get_value().shape != value.shape:
+        raise ValueError(f"staged: the ID-only form's {'/'.join(map(str, path))} "
+                         f"{value.shape} has no counterpart of that shape in the model")
+      params[path].set_value(jnp.array(value, copy=True))  # the step donates its state
+      copied += 1
+    if not copied:
+      raise ValueError("staged: the ID-only form has no ID-side parameter to hold")
     state = nnx.state((model, optimizer))
   step_fn = train.jit_train_step(graphdef, shardings, mesh, schedule=schedule,
                                  **train.step_settings(config))
