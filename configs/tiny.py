@@ -114,7 +114,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=3e-3, warmup_steps=30, weight_decay=1e-4, clip_norm=1.0, b2=0.98,
       # The content encoder's own decay; unset: ``weight_decay``. A strong decay that
       # regularises the ID table and user model can erase what the encoder learned.
-      encoder_weight_decay=ml_collections.config_dict.placeholder(float)))
+      encoder_weight_decay=ml_collections.config_dict.placeholder(float),
+      # The content encoder's rate (and decay) as a share of the others': below 1 a pretrained
+      # trunk (``init_from``) keeps what it knows while the ID table and user model train.
+      encoder_lr_scale=1.0))
   config.nonfinite = "stop"           # a NaN/Inf loss or gradient: stop | skip (drop the update)
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices

@@ -113,6 +113,7 @@ SCHEMA: dict[str, Any] = {
         "warmup_steps": _int(0),
         "weight_decay": _number(0.0),
         "encoder_weight_decay": _unset_or(_number(0.0)),
+        "encoder_lr_scale": _number(0.0),
         "clip_norm": _number(0.0, strict=True),
         "b2": _number(0.0, strict=True, maximum=1.0),
     },

@@ -65,6 +65,8 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
   ``optimizer.encoder_weight_decay`` (unset: ``weight_decay``) decays the content encoder's
   matrices; ``weight_decay`` every other matrix. optax.adamw takes one rate, so this is its own
   chain (scale_by_adam, add_decayed_weights, scale_by_learning_rate) with two masked decays.
+  ``optimizer.encoder_lr_scale`` multiplies the encoder's whole update (its step and its decay):
+  a pretrained trunk fine-tuned at a fraction of the rate that the ID table and user model need.
   """
   o = config.optimizer
   schedule = optax.warmup_cosine_decay_schedule(
@@ -72,18 +74,22 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
       decay_steps=max(num_steps, o.warmup_steps + 1), end_value=o.learning_rate * 0.01)
   encoder_decay = o.get("encoder_weight_decay")
   encoder_decay = o.weight_decay if encoder_decay is None else encoder_decay
+  in_encoder = lambda path: sharding.path_name(path).startswith("encoder/")
   # Decay matrices only: decaying LayerNorm scales, biases and temperatures hurts more than helps.
-  def decay_mask(in_encoder: bool):
+  def decay_mask(encoder: bool):
     return lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, p: p.ndim >= 2 and (
-            sharding.path_name(path).startswith("encoder/") == in_encoder), params)
-  tx = optax.chain(
-      optax.clip_by_global_norm(o.clip_norm),
-      optax.scale_by_adam(b2=o.b2),
-      optax.add_decayed_weights(o.weight_decay, mask=decay_mask(False)),
-      optax.add_decayed_weights(encoder_decay, mask=decay_mask(True)),
-      optax.scale_by_learning_rate(schedule))
-  return tx, schedule
+        lambda path, p: p.ndim >= 2 and in_encoder(path) == encoder, params)
+  steps = [optax.clip_by_global_norm(o.clip_norm),
+           optax.scale_by_adam(b2=o.b2),
+           optax.add_decayed_weights(o.weight_decay, mask=decay_mask(False)),
+           optax.add_decayed_weights(encoder_decay, mask=decay_mask(True)),
+           optax.scale_by_learning_rate(schedule)]
+  lr_scale = o.get("encoder_lr_scale", 1.0)
+  if lr_scale != 1.0:   # at 1 the chain (and so a checkpoint's optimizer state) is unchanged
+    encoder_mask = lambda params: jax.tree_util.tree_map_with_path(
+        lambda path, _: in_encoder(path), params)
+    steps.append(optax.masked(optax.scale(lr_scale), encoder_mask))
+  return optax.chain(*steps), schedule
 
 
 def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecFusion:

@@ -418,6 +418,18 @@ def test_cli_round_trip(tmp_path):
   got, _ = fresh.hidden_states("text", content)
   assert _max_abs(got, want) == 0.0
 
+  # The separate-towers ablation: the converted trunk starts the text tower (not the image
+  # tower, which the checkpoint was not converted for), so its text outputs are the same.
+  cfg.unified = False
+  towers = ContentEncoder(cfg, modalities + ("image",), embed_dim=32, rngs=nnx.Rngs(7))
+  report = convert.load_pretrained_encoder(towers, out)
+  assert report.unexpected == [] and len(report.loaded) == len(meta["reports"][0]["loaded"])
+  assert "towers/image/layers/0/attention/query/kernel" in report.missing
+  towers.eval()
+  got, _ = towers.hidden_states("text", content)
+  assert _max_abs(got, want) == 0.0
+  cfg.unified = True
+
   # Restoring into an encoder of another width fails, naming the parameter (shapes suffice:
   # the check runs before any value is written).
   cfg.width = 8

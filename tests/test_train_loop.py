@@ -197,3 +197,30 @@ def test_encoder_weight_decay_decays_the_content_encoder_only():
   assert encoder and not any(encoder.values()), encoder
   assert others["['item_embeddings']['embedding'].value"], others
   assert not others["['log_temperature'].value"]   # a scalar: never decayed
+
+
+def test_encoder_lr_scale_scales_the_content_encoder_update_only():
+  # The same gradients through the chain at scale 1 and at 0.1: the encoder's updates (Adam
+  # step and decay) are a tenth, every other parameter's are equal.
+  config = _config(10)
+  config.optimizer.weight_decay = 0.5
+  model = train.create_model(config, sources.load_dataset(config))
+  params = nnx.state(model, nnx.Param)
+  grads = jax.tree.map(lambda p: np.full(p.shape, 0.01, np.float32), params)
+
+  def updates(scale):
+    config.optimizer.encoder_lr_scale = scale
+    tx, _ = train.make_optimizer(config, 10)
+    state = tx.init(params)
+    for _ in range(3):   # past the warm-up's zero learning rate at step 0
+      out, state = tx.update(grads, state, params)
+    return {jax.tree_util.keystr(path): np.asarray(u)
+            for path, u in jax.tree_util.tree_leaves_with_path(out)}
+
+  plain, slow = updates(1.0), updates(0.1)
+  encoder = [k for k in plain if k.startswith("['encoder']")]
+  assert encoder and len(encoder) < len(plain)
+  for key, value in plain.items():
+    want = value * 0.1 if key in encoder else value
+    np.testing.assert_allclose(slow[key], want, rtol=1e-5, atol=1e-12, err_msg=key)
+  assert all(np.any(plain[k] != 0) for k in encoder)
