@@ -172,11 +172,11 @@ def _trunk_into_towers(stored: dict[str, np.ndarray], checkpoint_modalities: Seq
   """A unified checkpoint's ``trunk/...`` as ``towers/<m>/...`` for each modality it was
   converted for (a BERT trunk starts the text tower of the separate-towers ablation, as it
   starts the shared trunk of the unified encoder); other entries unchanged."""
+  targets = [m for m in checkpoint_modalities if m in encoder_modalities]
+  if not targets:
+    return stored   # the trunk matches nothing: reported as unexpected
   out = {p: v for p, v in stored.items() if not p.startswith("trunk/")}
   trunk = {p[len("trunk/"):]: v for p, v in stored.items() if p.startswith("trunk/")}
-  targets = [m for m in checkpoint_modalities if m in encoder_modalities]
-  if trunk and not targets:
-    out.update({f"trunk/{p}": v for p, v in trunk.items()})   # reported as unexpected
   for m in targets:
     out.update({f"towers/{m}/{p}": v for p, v in trunk.items()})
   return out
@@ -191,14 +191,14 @@ def load_pretrained_encoder(encoder: ContentEncoder, ckpt_dir: str | os.PathLike
   A unified checkpoint's trunk starts the towers of its modalities in a separate-towers encoder.
   Values keep the encoder's dtype and, for sharded encoders, its shardings.
   """
-  params_dir = paths_lib.resolve(ckpt_dir) / PARAMS_DIR
+  root = paths_lib.resolve(ckpt_dir)
+  params_dir = root / PARAMS_DIR
   if not params_dir.is_dir():
     raise FileNotFoundError(f"{params_dir} does not exist: not a converted checkpoint "
                             "(python -m recfusion_jax.convert --hf ... --out DIR)")
   stored = _flatten(ocp.StandardCheckpointer().restore(params_dir))
   if not encoder.unified and any(p.startswith("trunk/") for p in stored):
-    stored = _trunk_into_towers(stored, load_encoder_config(paths_lib.resolve(ckpt_dir))[1],
-                                encoder.modalities)
+    stored = _trunk_into_towers(stored, load_encoder_config(root)[1], encoder.modalities)
   params = _encoder_params(encoder)
   mismatched = [f"{p}: checkpoint {list(v.shape)} vs encoder "
                 f"{list(params[p].get_value().shape)}"
