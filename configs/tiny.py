@@ -54,11 +54,15 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   e.attention = "einsum"     # einsum | dot_product (jax.nn.dot_product_attention; no dropout)
   e.text = ml_collections.ConfigDict(dict(
       vocab_size=vocab_size, max_len=text_len, type_vocab_size=2, stem_norm=True,
-      pooling="mean", causal=False))
+      pooling="mean", causal=False, trunk_gradient_scale=1.0))
   e.image = ml_collections.ConfigDict(dict(
-      size=image_size, patch=4, patch_bias=True, pre_norm=False, pooling="cls"))
+      size=image_size, patch=4, patch_bias=True, pre_norm=False, pooling="cls",
+      # The share of the trunk's weight gradient this modality's tokens pass on (1: all; 0:
+      # they train their stem through a trunk they leave as it is). encoder.py.
+      trunk_gradient_scale=1.0))
   e.video = ml_collections.ConfigDict(dict(
-      frames=video_frames, size=image_size, tubelet_frames=2, patch=4, pooling="cls"))
+      frames=video_frames, size=image_size, tubelet_frames=2, patch=4, pooling="cls",
+      trunk_gradient_scale=1.0))
 
   m.item_id = ml_collections.ConfigDict(dict(
       use=True, dropout=0.5,

@@ -180,3 +180,43 @@ def test_bf16_trunk_linears_take_the_float32_accumulating_matmul():
   jaxpr = jax.make_jaxpr(lambda x: trunk(x, mask))(x)
   # 6 Linear layers a block (q, k, v, out, mlp_in, mlp_out) x 2 blocks.
   assert str(jaxpr).count("custom_vjp_call") == 12
+
+
+def test_trunk_gradient_scale_scales_one_modalitys_share_of_the_trunk_gradient():
+  """encoder.<m>.trunk_gradient_scale: same outputs; the trunk's gradient from m's tokens is
+  scaled (0: none), every other gradient (m's stem, the other modality's share) unchanged."""
+  config = tiny_config()
+  config.model.modalities = ("text", "image")
+  batch = {k: jnp.asarray(v) for k, v in random_batch(config, 4, 10, 20).items()}
+
+  def build(image_scale, dropout=0.0):
+    e = config.model.encoder.copy_and_resolve_references()
+    e.image.trunk_gradient_scale, e.dropout = image_scale, dropout
+    return ContentEncoder(e, ("text", "image"), config.model.embed_dim, rngs=nnx.Rngs(0))
+
+  @nnx.jit(static_argnums=2)
+  def grads(encoder, batch, modality):
+    def loss(encoder):
+      emb = encoder.pooled(modality, batch)
+      return jnp.sum(jnp.sin(emb) * jnp.arange(emb.shape[-1])), emb
+    return nnx.grad(loss, has_aux=True)(encoder)
+
+  trunk_grad = lambda g: jax.tree.leaves(g["trunk"])
+  for scale in (0.0, 0.5):
+    for modality, factor in (("image", scale), ("text", 1.0)):
+      want, want_emb = grads(build(1.0), batch, modality)
+      got, got_emb = grads(build(scale), batch, modality)
+      np.testing.assert_array_equal(np.asarray(got_emb), np.asarray(want_emb))
+      for g, w in zip(trunk_grad(got), trunk_grad(want)):
+        np.testing.assert_allclose(np.asarray(g), factor * np.asarray(w), rtol=1e-5, atol=1e-8)
+      stem = f"{modality}_stem"
+      assert max(float(np.abs(np.asarray(w)).max()) for w in jax.tree.leaves(want[stem])) > 0
+      _assert_same(got[stem], want[stem])
+  assert max(float(np.abs(np.asarray(w)).max()) for w in trunk_grad(want)) > 0
+
+  # With dropout the view advances the trunk's RNG state: two calls draw different masks.
+  encoder = build(0.0, dropout=0.5)
+  first, second = (np.asarray(encoder.pooled("image", batch)) for _ in range(2))
+  assert np.abs(first - second).max() > 1e-3
+  with pytest.raises(ValueError, match="trunk_gradient_scale"):
+    build(1.5)

@@ -36,6 +36,12 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
+def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
+  """``x`` in the forward pass; ``scale`` times the incoming gradient in the backward pass."""
+  frozen = jax.lax.stop_gradient(x)
+  return frozen + scale * (x - frozen)
+
+
 def pool(hidden: jax.Array, mask: jax.Array, how: str) -> jax.Array:
   """[B, N, W] -> [B, W]: first token, masked mean (sentence-transformers) or last valid token."""
   if how == "cls":
@@ -63,6 +69,15 @@ class ContentEncoder(nnx.Module):
     width, common = cfg.width, dict(ln_eps=cfg.ln_eps, dropout=cfg.dropout, rngs=rngs)
     self.pooling = {m: cfg[m].pooling for m in self.modalities}
     self.causal = {m: bool(cfg[m].get("causal", False)) for m in self.modalities}
+    # The share of the trunk's weight gradient that each modality's tokens pass on (1: all).
+    # Below 1 a modality still trains its own stem through the trunk, but moves the shared
+    # trunk less: posters from a stem trained from scratch need not rewrite a text-pretrained
+    # trunk (docs/TUNING.md §24).
+    self.trunk_gradient_scale = {
+        m: float(cfg[m].get("trunk_gradient_scale", 1.0)) for m in self.modalities}
+    for m, scale in self.trunk_gradient_scale.items():
+      if not 0.0 <= scale <= 1.0:
+        raise ValueError(f"encoder.{m}.trunk_gradient_scale={scale}; must lie in [0, 1]")
     for m, how in self.pooling.items():
       if how not in POOLINGS:
         raise ValueError(f"encoder.{m}.pooling={how!r}; choose from {POOLINGS}")
@@ -134,7 +149,15 @@ class ContentEncoder(nnx.Module):
     """Trunk output [B, N, width] and token mask for one modality (used by the converter tests)."""
     tokens, mask = self.stem_tokens(modality, content)
     tokens = tokens + self.modality_embeddings[MODALITIES.index(modality)]
-    return self.trunk_for(modality)(tokens, mask, self.causal[modality]), mask
+    trunk = self.trunk_for(modality)
+    scale = self.trunk_gradient_scale[modality]
+    if scale == 1.0:
+      return trunk(tokens, mask, self.causal[modality]), mask
+    # A view of the trunk: its parameters' values with a scaled gradient, and the trunk's own
+    # other state (merge shares those Variables, so dropout still advances the trunk's RNGs).
+    graphdef, params, rest = nnx.split(trunk, nnx.Param, ...)
+    view = nnx.merge(graphdef, jax.tree.map(lambda p: scale_gradient(p, scale), params), rest)
+    return view(tokens, mask, self.causal[modality]), mask
 
   def pooled(self, modality: str, content: Mapping[str, jax.Array]) -> jax.Array:
     hidden, mask = self.hidden_states(modality, content)
