@@ -121,7 +121,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       encoder_weight_decay=ml_collections.config_dict.placeholder(float),
       # The content encoder's rate (and decay) as a share of the others': below 1 a pretrained
       # trunk (``init_from``) keeps what it knows while the ID table and user model train.
-      encoder_lr_scale=1.0))
+      encoder_lr_scale=1.0,
+      # The parameters that scale applies to, as path prefixes: the whole encoder, or e.g. only
+      # the pretrained trunk and text stem, so that parts started from scratch take the rate.
+      encoder_lr_scale_paths=("encoder/",)))
   config.nonfinite = "stop"           # a NaN/Inf loss or gradient: stop | skip (drop the update)
 
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))  # -1: all remaining devices

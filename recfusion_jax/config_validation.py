@@ -74,6 +74,13 @@ def _mesh_axes(value: Any) -> str | None:
   return None
 
 
+def _prefixes(value: Any) -> str | None:
+  if (isinstance(value, (tuple, list)) and value
+      and all(isinstance(p, str) and p for p in value)):
+    return None
+  return f"must be a non-empty tuple of parameter path prefixes such as ('encoder/',), not {value!r}"
+
+
 def _anything(value: Any) -> None:
   del value
   return None
@@ -114,6 +121,7 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": _number(0.0),
         "encoder_weight_decay": _unset_or(_number(0.0)),
         "encoder_lr_scale": _number(0.0),
+        "encoder_lr_scale_paths": _prefixes,
         "clip_norm": _number(0.0, strict=True),
         "b2": _number(0.0, strict=True, maximum=1.0),
     },

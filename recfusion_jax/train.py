@@ -67,6 +67,8 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
   chain (scale_by_adam, add_decayed_weights, scale_by_learning_rate) with two masked decays.
   ``optimizer.encoder_lr_scale`` multiplies the encoder's whole update (its step and its decay):
   a pretrained trunk fine-tuned at a fraction of the rate that the ID table and user model need.
+  ``optimizer.encoder_lr_scale_paths`` (path prefixes; default the whole encoder) narrows it,
+  e.g. to the pretrained trunk and text stem, so parts started from scratch train at the rate.
   """
   o = config.optimizer
   schedule = optax.warmup_cosine_decay_schedule(
@@ -86,10 +88,27 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int):
            optax.scale_by_learning_rate(schedule)]
   lr_scale = o.get("encoder_lr_scale", 1.0)
   if lr_scale != 1.0:   # at 1 the chain (and so a checkpoint's optimizer state) is unchanged
-    encoder_mask = lambda params: jax.tree_util.tree_map_with_path(
-        lambda path, _: in_encoder(path), params)
-    steps.append(optax.masked(optax.scale(lr_scale), encoder_mask))
+    steps.append(optax.masked(optax.scale(lr_scale),
+                              _prefix_mask(tuple(o.get("encoder_lr_scale_paths", ("encoder/",))))))
   return optax.chain(*steps), schedule
+
+
+def _prefix_mask(prefixes: tuple[str, ...]):
+  """An optax mask: True for parameters whose path starts with one of ``prefixes``.
+
+  The prefixes may name parts that only some encoders have (``trunk/`` or ``towers/text/``),
+  so each prefix's count is logged, and prefixes that match nothing at all are an error.
+  """
+  def mask(params):
+    names = [sharding.path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    counts = {p: sum(n.startswith(p) for n in names) for p in prefixes}
+    if not any(counts.values()):
+      raise ValueError(f"optimizer.encoder_lr_scale_paths {list(prefixes)} match no parameter; "
+                       f"parameter paths look like {names[:3]}")
+    logging.info("encoder_lr_scale applies to (prefix: parameters) %s", counts)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: sharding.path_name(path).startswith(prefixes), params)
+  return mask
 
 
 def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecFusion:

@@ -6,6 +6,7 @@ import os
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from recfusion_jax import checkpointing, model_eval, sharding, train
@@ -224,3 +225,16 @@ def test_encoder_lr_scale_scales_the_content_encoder_update_only():
     want = value * 0.1 if key in encoder else value
     np.testing.assert_allclose(slow[key], want, rtol=1e-5, atol=1e-12, err_msg=key)
   assert all(np.any(plain[k] != 0) for k in encoder)
+
+  # encoder_lr_scale_paths narrows the scale to the named parts (a prefix the encoder lacks,
+  # such as a separate-towers path, is allowed beside one it has); naming nothing is an error.
+  config.optimizer.encoder_lr_scale_paths = ("encoder/trunk/", "encoder/towers/text/")
+  narrow = updates(0.1)
+  trunk = [k for k in encoder if k.startswith("['encoder']['trunk']")]
+  assert trunk and len(trunk) < len(encoder)
+  for key, value in plain.items():
+    want = value * 0.1 if key in trunk else value
+    np.testing.assert_allclose(narrow[key], want, rtol=1e-5, atol=1e-12, err_msg=key)
+  config.optimizer.encoder_lr_scale_paths = ("encoder/tunk/",)
+  with pytest.raises(ValueError, match="match no parameter"):
+    updates(0.1)
