@@ -68,9 +68,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # memory-bound and its accuracy numbers were measured in float32.
     e.compute_dtype = "bfloat16"
     config.optimizer.learning_rate = 5e-4
-    # The pretrained trunk fine-tunes at a tenth of that (5e-5, BERT's usual rate) while the ID
-    # table and user model train at the full rate (docs/TUNING.md §23).
+    # The pretrained trunk and text stem fine-tune at a tenth of that (5e-5, BERT's usual rate);
+    # what starts from scratch (the ID table, user model, image stem, projections) trains at the
+    # full rate (docs/TUNING.md §23-§24). towers/text: the separate-towers layouts' MiniLM tower.
     config.optimizer.encoder_lr_scale = 0.1
+    config.optimizer.encoder_lr_scale_paths = ("encoder/trunk/", "encoder/text_stem/",
+                                               "encoder/towers/text/")
   elif size == "small":
     e = m.encoder
     e.width, e.depth, e.num_heads, e.mlp_dim = 64, 2, 4, 128
