@@ -100,14 +100,14 @@ def _prefix_mask(prefixes: tuple[str, ...]):
   so each prefix's count is logged, and prefixes that match nothing at all are an error.
   """
   def mask(params):
-    names = [sharding.path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    names = [sharding.path_name(path) for path, _ in leaves]
     counts = {p: sum(n.startswith(p) for n in names) for p in prefixes}
     if not any(counts.values()):
       raise ValueError(f"optimizer.encoder_lr_scale_paths {list(prefixes)} match no parameter; "
                        f"parameter paths look like {names[:3]}")
     logging.info("encoder_lr_scale applies to (prefix: parameters) %s", counts)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: sharding.path_name(path).startswith(prefixes), params)
+    return jax.tree_util.tree_unflatten(treedef, [n.startswith(prefixes) for n in names])
   return mask
 
 
