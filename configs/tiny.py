@@ -52,6 +52,9 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   e.remat = False            # recompute each block's activations in the backward pass
   e.compute_dtype = "float32"  # float32 | bfloat16 (activations/matmuls; parameters stay fp32)
   e.attention = "einsum"     # einsum | dot_product (jax.nn.dot_product_attention; no dropout)
+  # Modalities with LayerNorms and MLPs of their own in every block of the unified trunk
+  # (Multiway, as BEiT-3; attention stays shared); () : one trunk for every token.
+  e.experts = ()
   e.text = ml_collections.ConfigDict(dict(
       vocab_size=vocab_size, max_len=text_len, type_vocab_size=2, stem_norm=True,
       pooling="mean", causal=False, trunk_gradient_scale=1.0))

@@ -14,6 +14,7 @@ import safetensors.numpy
 from flax import nnx
 
 from recfusion_jax import convert
+from recfusion_jax.convert import checkpoint as convert_checkpoint
 from recfusion_jax.convert.__main__ import main as convert_main
 from recfusion_jax.models.encoder import ContentEncoder, l2_normalize, pool
 from tests.helpers import run_absl_main
@@ -430,9 +431,41 @@ def test_cli_round_trip(tmp_path):
   assert _max_abs(got, want) == 0.0
   cfg.unified = True
 
+  # A Multiway trunk: the checkpoint's LayerNorms and MLPs start the posters' experts too, so
+  # at step 0 it computes what the plain unified trunk computes, for both modalities.
+  cfg.experts = ("image",)
+  multiway = ContentEncoder(cfg, modalities + ("image",), embed_dim=32, rngs=nnx.Rngs(7))
+  report = convert.load_pretrained_encoder(multiway, out)
+  copied = [p for p in report.loaded if "/experts/image/" in p]
+  assert len(copied) == 4 * 2 and not [p for p in report.missing if "experts" in p]
+  assert len(report.loaded) == len(meta["reports"][0]["loaded"]) + len(copied)
+  multiway.eval()
+  got, _ = multiway.hidden_states("text", content)
+  assert _max_abs(got, want) == 0.0
+  size = fresh.image_stem.image_size
+  images = {"image": rng.integers(0, 256, (3, size, size, 3)).astype(np.uint8)}
+  got, _ = multiway.hidden_states("image", images)
+  assert _max_abs(got, fresh.hidden_states("image", images)[0]) == 0.0
+  cfg.experts = ()
+
   # Restoring into an encoder of another width fails, naming the parameter (shapes suffice:
   # the check runs before any value is written).
   cfg.width = 8
   small = nnx.eval_shape(lambda: ContentEncoder(cfg, ("text",), embed_dim=8, rngs=nnx.Rngs(0)))
   with pytest.raises(ValueError, match="text_stem/word_embeddings/embedding"):
     convert.load_pretrained_encoder(small, out)
+
+
+def test_trunk_into_experts_copies_per_token_layers_and_keeps_stored_experts():
+  a, b, c, d, own, shared = (np.full(2, v, np.float32) for v in range(6))
+  stored = {"trunk/layers/0/mlp_in/kernel": a, "trunk/layers/0/attention/query/kernel": b,
+            "trunk/final_norm/scale": c, "text_stem/position_embeddings": d,
+            "trunk/layers/1/experts/image/mlp_out/bias": own,
+            "trunk/layers/1/mlp_out/bias": shared}
+  out = convert_checkpoint._trunk_into_experts(stored, ("image",))
+  assert set(out) - set(stored) == {"trunk/layers/0/experts/image/mlp_in/kernel",
+                                    "trunk/expert_final_norms/image/scale"}
+  assert out["trunk/layers/0/experts/image/mlp_in/kernel"] is a
+  assert out["trunk/expert_final_norms/image/scale"] is c
+  # A checkpoint saved from a Multiway encoder keeps its own experts.
+  assert out["trunk/layers/1/experts/image/mlp_out/bias"] is own

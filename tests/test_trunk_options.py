@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from recfusion_jax import sharding
 from recfusion_jax.models.encoder import ContentEncoder
 from recfusion_jax.models.transformer import Trunk, dense_bf16
 
@@ -220,3 +221,68 @@ def test_trunk_gradient_scale_scales_one_modalitys_share_of_the_trunk_gradient()
   assert np.abs(first - second).max() > 1e-3
   with pytest.raises(ValueError, match="trunk_gradient_scale"):
     build(1.5)
+
+
+def _copy_params(target, source_params: dict[str, jax.Array]) -> None:
+  """Sets every parameter of ``target`` from ``source_params`` (flat '/' names)."""
+  state = nnx.state(target, nnx.Param)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
+  nnx.update(target, jax.tree_util.tree_unflatten(
+      treedef, [source_params[sharding.path_name(p)] for p, _ in leaves]))
+
+
+@pytest.mark.parametrize("pre_ln", [True, False])
+def test_multiway_trunk_is_a_plain_trunk_per_modality(pre_ln):
+  """A Multiway trunk: tokens of an expert modality compute what a plain trunk with the shared
+  attention and that expert's LayerNorms and MLPs computes; other tokens what the plain trunk
+  with the shared weights computes. The expert's tokens leave the shared MLP's gradient at 0."""
+  x, mask = _inputs()
+  multiway = _trunk(seed=1, pre_ln=pre_ln, experts=("image",))
+  params = {sharding.path_name(p): v for p, v in
+            jax.tree_util.tree_flatten_with_path(nnx.state(multiway, nnx.Param))[0]}
+  shared, as_image = {}, {}
+  for name, value in params.items():
+    if "/experts/" in name or name.startswith("expert_final_norms/"):
+      continue
+    shared[name] = value
+    parts = name.split("/")
+    if parts[0] == "layers" and parts[2] != "attention":
+      layer_expert = "/".join(parts[:2] + ["experts", "image"] + parts[2:])
+    elif parts[0] == "final_norm":
+      layer_expert = "/".join(["expert_final_norms", "image"] + parts[1:])
+    else:
+      layer_expert = name
+    as_image[name] = params[layer_expert]
+  assert any(n.endswith("experts/image/mlp_in/kernel") for n in params)
+  reference = _trunk(seed=2, pre_ln=pre_ln)
+  for want_params, expert in ((shared, None), (shared, "text"), (as_image, "image")):
+    _copy_params(reference, want_params)
+    want = reference(x, mask)
+    got = multiway(x, mask, False, expert)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=_RTOL, atol=1e-6)
+  # The image expert differs from the shared path (the test compares two different things).
+  assert np.abs(np.asarray(multiway(x, mask, False, "image") - multiway(x, mask))).max() > 1e-2
+
+  grads = nnx.grad(lambda t: jnp.sum(jnp.sin(t(x, mask, False, "image"))))(multiway)
+  grads = {sharding.path_name(p): v for p, v in
+           jax.tree_util.tree_flatten_with_path(grads)[0]}
+  assert float(jnp.abs(grads["layers/0/mlp_in/kernel"]).max()) == 0.0
+  assert float(jnp.abs(grads["layers/0/experts/image/mlp_in/kernel"]).max()) > 0.0
+  assert float(jnp.abs(grads["layers/0/attention/query/kernel"]).max()) > 0.0
+
+
+def test_encoder_experts_route_each_modality_and_refuse_unknown_names():
+  config = tiny_config()
+  e = config.model.encoder
+  e.experts = ("image",)
+  encoder = ContentEncoder(e, ("text", "image"), 8, rngs=nnx.Rngs(0))
+  assert encoder.experts == ("image",)
+  assert set(encoder.trunk.layers[0].experts) == {"image"}
+  # Separate towers already give each modality its own trunk: nothing to add.
+  e.unified = False
+  assert ContentEncoder(e, ("text", "image"), 8, rngs=nnx.Rngs(0)).experts == ()
+  e.unified = True
+  assert ContentEncoder(e, ("text",), 8, rngs=nnx.Rngs(0)).experts == ()
+  e.experts = ("poster",)
+  with pytest.raises(ValueError, match="encoder.experts names unknown modalities"):
+    ContentEncoder(e, ("text", "image"), 8, rngs=nnx.Rngs(0))

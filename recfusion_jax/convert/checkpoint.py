@@ -182,13 +182,36 @@ def _trunk_into_towers(stored: dict[str, np.ndarray], checkpoint_modalities: Seq
   return out
 
 
+_PER_TOKEN = ("attention_norm/", "mlp_in/", "mlp_out/", "mlp_norm/")
+
+
+def _trunk_into_experts(stored: dict[str, np.ndarray],
+                        experts: Sequence[str]) -> dict[str, np.ndarray]:
+  """The shared trunk's LayerNorms and MLPs also as each Multiway expert's (``experts/<m>/``),
+  where the checkpoint has none of its own: a text-pretrained block starts the posters' MLP
+  from what it learned on text, as it starts the shared attention."""
+  out = dict(stored)
+  for path, value in stored.items():
+    if not path.startswith("trunk/"):
+      continue
+    head, _, tail = path.rpartition("/layers/")
+    layer, _, rest = tail.partition("/")
+    for m in experts:
+      if head == "trunk" and rest.startswith(_PER_TOKEN):
+        out.setdefault(f"trunk/layers/{layer}/experts/{m}/{rest}", value)
+      elif path.startswith("trunk/final_norm/"):
+        out.setdefault(f"trunk/expert_final_norms/{m}/{path[len('trunk/final_norm/'):]}", value)
+  return out
+
+
 def load_pretrained_encoder(encoder: ContentEncoder, ckpt_dir: str | os.PathLike) -> LoadReport:
   """Restores a converted checkpoint into ``encoder`` in place (the ``init_from`` hook).
 
   Parameters are matched by NNX path and must have the same shape (a mismatch raises with the
   path in the message); extra and missing parameters are reported, not fatal, so an encoder with
   more modalities than the checkpoint (e.g. video) keeps its fresh initialisation for those.
-  A unified checkpoint's trunk starts the towers of its modalities in a separate-towers encoder.
+  A unified checkpoint's trunk starts the towers of its modalities in a separate-towers encoder,
+  and its LayerNorms and MLPs start a Multiway trunk's experts (``encoder.experts``).
   Values keep the encoder's dtype and, for sharded encoders, its shardings.
   """
   root = paths_lib.resolve(ckpt_dir)
@@ -199,6 +222,8 @@ def load_pretrained_encoder(encoder: ContentEncoder, ckpt_dir: str | os.PathLike
   stored = _flatten(ocp.StandardCheckpointer().restore(params_dir))
   if not encoder.unified and any(p.startswith("trunk/") for p in stored):
     stored = _trunk_into_towers(stored, load_encoder_config(root)[1], encoder.modalities)
+  if encoder.experts:
+    stored = _trunk_into_experts(stored, encoder.experts)
   params = _encoder_params(encoder)
   mismatched = [f"{p}: checkpoint {list(v.shape)} vs encoder "
                 f"{list(params[p].get_value().shape)}"

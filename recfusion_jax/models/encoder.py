@@ -104,15 +104,25 @@ class ContentEncoder(nnx.Module):
         num_frames=v.frames, image_size=v.size, tubelet_frames=v.tubelet_frames,
         patch_size=v.patch, channels=3, width=width, dropout=cfg.dropout, rngs=rngs))
 
-    def make_trunk():
+    # Multiway (transformer.Block): these modalities' tokens take LayerNorms and MLPs of their
+    # own in the shared trunk, attention stays shared. Separate towers have their own whole
+    # trunk already, so there it changes nothing.
+    experts = tuple(cfg.get("experts", ()))
+    unknown = set(experts) - set(MODALITIES)
+    if unknown:
+      raise ValueError(f"encoder.experts names unknown modalities {sorted(unknown)}; known: "
+                       f"{MODALITIES}")
+    self.experts = tuple(m for m in self.modalities if m in experts) if self.unified else ()
+
+    def make_trunk(experts=()):
       # Memory switches (transformer.py); .get keeps configs written before them working.
       return Trunk(width=width, depth=cfg.depth, num_heads=cfg.num_heads, mlp_dim=cfg.mlp_dim,
                    pre_ln=cfg.pre_ln, ln_eps=cfg.ln_eps, activation=cfg.activation,
                    dropout=cfg.dropout, remat=cfg.get("remat", False),
                    compute_dtype=cfg.get("compute_dtype", "float32"),
-                   attention=cfg.get("attention", "einsum"), rngs=rngs)
+                   attention=cfg.get("attention", "einsum"), experts=experts, rngs=rngs)
 
-    self.trunk = make_trunk() if self.unified else None
+    self.trunk = make_trunk(self.experts) if self.unified else None
     self.towers = None if self.unified else nnx.Dict({m: make_trunk() for m in self.modalities})
     # Zero-initialised so a trunk imported from BERT/ViT sees exactly its pretraining inputs at
     # step 0; training then learns how to tell the modalities apart.
@@ -150,14 +160,15 @@ class ContentEncoder(nnx.Module):
     tokens, mask = self.stem_tokens(modality, content)
     tokens = tokens + self.modality_embeddings[MODALITIES.index(modality)]
     trunk = self.trunk_for(modality)
+    expert = modality if modality in self.experts else None
     scale = self.trunk_gradient_scale[modality]
     if scale == 1.0:
-      return trunk(tokens, mask, self.causal[modality]), mask
+      return trunk(tokens, mask, self.causal[modality], expert), mask
     # A view of the trunk: its parameters' values with a scaled gradient, and the trunk's own
     # other state (merge shares those Variables, so dropout still advances the trunk's RNGs).
     graphdef, params, rest = nnx.split(trunk, nnx.Param, ...)
     view = nnx.merge(graphdef, jax.tree.map(lambda p: scale_gradient(p, scale), params), rest)
-    return view(tokens, mask, self.causal[modality]), mask
+    return view(tokens, mask, self.causal[modality], expert), mask
 
   def pooled(self, modality: str, content: Mapping[str, jax.Array]) -> jax.Array:
     hidden, mask = self.hidden_states(modality, content)

@@ -11,6 +11,9 @@ Memory options (none changes a parameter's name, shape or dtype):
                      do optimizer states); LayerNorm statistics and attention softmax in float32;
   ``attention``      "dot_product": ``jax.nn.dot_product_attention`` (fused kernels on GPU)
                      instead of the explicit einsum; it has no attention-probability dropout.
+
+``experts`` makes a Multiway trunk (BEiT-3, VLMo): attention shared by every token, LayerNorms
+and MLPs of their own for the named modalities' tokens (``Block``).
 """
 
 from __future__ import annotations
@@ -146,12 +149,31 @@ class Attention(nnx.Module):
     return self.out(out)
 
 
+class FeedForward(nnx.Module):
+  """A block's per-token half: both LayerNorms and the two-layer MLP (attention excluded).
+
+  A Multiway block keeps one of these per modality that has its own; the names match the
+  block's own (``mlp_in``...), so a pretrained block's tensors can start each one."""
+
+  def __init__(self, width: int, mlp_dim: int, *, ln_eps: float, dtype, rngs: nnx.Rngs):
+    # LayerNorm statistics are float32 whatever ``dtype`` (flax promotes them).
+    self.attention_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
+    self.mlp_in = linear(width, mlp_dim, dtype=dtype, rngs=rngs)
+    self.mlp_out = linear(mlp_dim, width, dtype=dtype, rngs=rngs)
+    self.mlp_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
+
+
 class Block(nnx.Module):
-  """One Transformer layer; ``pre_ln`` picks ViT/CLIP (True) or BERT (False) ordering."""
+  """One Transformer layer; ``pre_ln`` picks ViT/CLIP (True) or BERT (False) ordering.
+
+  ``experts`` (modality names): a Multiway layer (BEiT-3): self-attention is shared, and each
+  named modality has its own LayerNorms and MLP (``experts/<m>``), picked by ``expert=`` in
+  the call; tokens of any other modality (and ``expert=None``) use the block's own.
+  """
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, pre_ln: bool, ln_eps: float,
                activation: str, dropout: float, attention: str = "einsum", dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               experts: tuple[str, ...] = (), rngs: nnx.Rngs):
     self.pre_ln = pre_ln
     self.activation = activation
     self.attention = Attention(width, num_heads, dropout, implementation=attention, dtype=dtype,
@@ -162,16 +184,19 @@ class Block(nnx.Module):
     self.mlp_out = linear(mlp_dim, width, dtype=dtype, rngs=rngs)
     self.mlp_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.expert_names = tuple(experts)
+    self.experts = nnx.Dict({m: FeedForward(width, mlp_dim, ln_eps=ln_eps, dtype=dtype, rngs=rngs)
+                             for m in experts}) if experts else None
 
-  def _mlp(self, x):
-    return self.dropout(self.mlp_out(ACTIVATIONS[self.activation](self.mlp_in(x))))
-
-  def __call__(self, x: jax.Array, mask: jax.Array, causal: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, causal: bool = False,
+               expert: str | None = None) -> jax.Array:
+    own = self.experts[expert] if expert in self.expert_names else self
+    mlp = lambda x: self.dropout(own.mlp_out(ACTIVATIONS[self.activation](own.mlp_in(x))))
     if self.pre_ln:
-      x = x + self.dropout(self.attention(self.attention_norm(x), mask, causal))
-      return x + self._mlp(self.mlp_norm(x))
-    x = self.attention_norm(x + self.dropout(self.attention(x, mask, causal)))
-    return self.mlp_norm(x + self._mlp(x))
+      x = x + self.dropout(self.attention(own.attention_norm(x), mask, causal))
+      return x + mlp(own.mlp_norm(x))
+    x = own.attention_norm(x + self.dropout(self.attention(x, mask, causal)))
+    return own.mlp_norm(x + mlp(x))
 
 
 class Trunk(nnx.Module):
@@ -182,7 +207,8 @@ class Trunk(nnx.Module):
 
   def __init__(self, *, width: int, depth: int, num_heads: int, mlp_dim: int, pre_ln: bool,
                ln_eps: float, activation: str, dropout: float, remat: bool = False,
-               compute_dtype: str = "float32", attention: str = "einsum", rngs: nnx.Rngs):
+               compute_dtype: str = "float32", attention: str = "einsum",
+               experts: tuple[str, ...] = (), rngs: nnx.Rngs):
     if activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
     dtype = resolve_dtype(compute_dtype)
@@ -190,17 +216,24 @@ class Trunk(nnx.Module):
     self.remat = bool(remat)
     self.layers = nnx.List([
         Block(width, num_heads, mlp_dim, pre_ln=pre_ln, ln_eps=ln_eps, activation=activation,
-              dropout=dropout, attention=attention, dtype=dtype, rngs=rngs)
+              dropout=dropout, attention=attention, dtype=dtype, experts=experts, rngs=rngs)
         for _ in range(depth)
     ])
-    # Post-LN blocks already end normalised; a pre-LN stack needs one more norm.
-    self.final_norm = (nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
-                       if pre_ln else None)
+    # Post-LN blocks already end normalised; a pre-LN stack needs one more norm (one per
+    # Multiway expert too: it normalises that modality's tokens).
+    norm = lambda: nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
+    self.final_norm = norm() if pre_ln else None
+    self.expert_names = tuple(experts)
+    self.expert_final_norms = (nnx.Dict({m: norm() for m in experts})
+                               if pre_ln and experts else None)
 
-  def __call__(self, x: jax.Array, mask: jax.Array, causal: bool = False) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: jax.Array, causal: bool = False,
+               expert: str | None = None) -> jax.Array:
+    """``expert``: the modality whose Multiway LayerNorms and MLPs these tokens take (None, or
+    a modality without its own: the trunk's shared ones)."""
     out_dtype = x.dtype
     x = x.astype(self.dtype)
-    apply = lambda layer, x, mask: layer(x, mask, causal)
+    apply = lambda layer, x, mask: layer(x, mask, causal, expert)
     if self.remat:
       # Saves only each block's input; the backward pass re-runs the block (same dropout draw:
       # the RNG state is an input of the rematerialised function).
@@ -208,5 +241,6 @@ class Trunk(nnx.Module):
     for layer in self.layers:
       x = apply(layer, x, mask)
     if self.final_norm is not None:
-      x = self.final_norm(x)
+      x = (self.expert_final_norms[expert] if expert in self.expert_names
+           else self.final_norm)(x)
     return x.astype(out_dtype)
