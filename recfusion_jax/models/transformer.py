@@ -163,12 +163,13 @@ class FeedForward(nnx.Module):
     self.mlp_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
 
 
-class Block(nnx.Module):
+class Block(FeedForward):
   """One Transformer layer; ``pre_ln`` picks ViT/CLIP (True) or BERT (False) ordering.
 
-  ``experts`` (modality names): a Multiway layer (BEiT-3): self-attention is shared, and each
-  named modality has its own LayerNorms and MLP (``experts/<m>``), picked by ``expert=`` in
-  the call; tokens of any other modality (and ``expert=None``) use the block's own.
+  Its own LayerNorms and MLP are the ``FeedForward`` it extends. ``experts`` (modality names):
+  a Multiway layer (BEiT-3): self-attention is shared, and each named modality has its own
+  LayerNorms and MLP (``experts/<m>``), picked by ``expert=`` in the call; tokens of any other
+  modality (and ``expert=None``) use the block's own.
   """
 
   def __init__(self, width: int, num_heads: int, mlp_dim: int, *, pre_ln: bool, ln_eps: float,
@@ -178,11 +179,8 @@ class Block(nnx.Module):
     self.activation = activation
     self.attention = Attention(width, num_heads, dropout, implementation=attention, dtype=dtype,
                                rngs=rngs)
-    # LayerNorm statistics are float32 whatever ``dtype`` (flax promotes them).
-    self.attention_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
-    self.mlp_in = linear(width, mlp_dim, dtype=dtype, rngs=rngs)
-    self.mlp_out = linear(mlp_dim, width, dtype=dtype, rngs=rngs)
-    self.mlp_norm = nnx.LayerNorm(width, epsilon=ln_eps, dtype=dtype, rngs=rngs)
+    # After the attention, so the random draws (and initial weights) keep their order.
+    super().__init__(width, mlp_dim, ln_eps=ln_eps, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.expert_names = tuple(experts)
     self.experts = nnx.Dict({m: FeedForward(width, mlp_dim, ln_eps=ln_eps, dtype=dtype, rngs=rngs)
