@@ -94,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.example = "interaction"  # interaction | cloze | next (data/examples.py)
   config.data.target_share = 0.2      # cloze: share of a user's window hidden as targets
   config.data.next_positions = 0      # next: transitions scored a row, drawn at random; 0: all
+  config.data.next_window = "latest"  # next: a row's window of the timeline: latest | random
 
   config.model = model_config()
 

@@ -109,6 +109,7 @@ def apply_recipe(config: ml_collections.ConfigDict, name: str) -> None:
   m.embed_dim, m.user.history_len = 512, 768
   config.data.example, config.data.target_share = "cloze", 0.2
   config.data.next_positions = 0   # next rows: every transition scored (§16)
+  config.data.next_window = "latest"   # next rows: the timeline's latest window
   config.exclude_history = True
   config.catalogue_loss, config.catalogue_negative_weight = "squared", 0.3
   config.optimizer.weight_decay = 5.0

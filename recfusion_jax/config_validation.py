@@ -100,6 +100,7 @@ SCHEMA: dict[str, Any] = {
         "example": _choice("interaction", "cloze", "next"),
         "target_share": _number(0.0, strict=True, maximum=1.0),
         "next_positions": _int(0),   # next rows: transitions scored a row; 0: all
+        "next_window": _choice("latest", "random"),   # next rows: which window of a timeline
         "dir": _anything, "protocol": _anything, "split_seed": _int(0), "text_len": _int(1),
     },
     "model": None,

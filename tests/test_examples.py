@@ -361,3 +361,51 @@ def test_next_item_sampled_positions_are_distinct_transitions_of_the_row(small):
     examples.make_user_batch(small, index, users, history_len=HISTORY_LEN,
                              log_q=examples.item_log_q(small), batch_size=small.num_users,
                              kind="cloze", target_share=0.3, seed=0, next_positions=2)
+
+
+def test_next_item_random_windows_cover_every_transition_of_a_long_timeline(small):
+  """``next_window='random'``: a row reads ``history_len + 1`` consecutive items from anywhere
+  in the user's timeline (a pure function of seed, user and epoch); over epochs the windows
+  cover every transition, where the latest window covers only its own. Timelines no longer
+  than a window read the same row as ``'latest'``."""
+  index = examples.TrainExampleIndex.build(small)
+  users = np.arange(small.num_users)
+
+  def batch(window, epoch, seed=0, positions=0):
+    return examples.make_user_batch(
+        small, index, users, history_len=HISTORY_LEN, log_q=examples.item_log_q(small),
+        batch_size=small.num_users, kind="next", target_share=0.3, seed=seed,
+        epochs=np.full(small.num_users, epoch, np.int64), next_positions=positions,
+        next_window=window)
+
+  latest = batch("latest", 0)
+  covered = {int(u): set() for u in users}
+  for epoch in range(60):
+    rows = batch("random", epoch)
+    for row, user in enumerate(users):
+      timeline = _timeline(small.train, user)
+      pairs = [(int(h), int(t)) for h, t, m in zip(rows["history"][row], rows["targets"][row],
+                                                   rows["target_mask"][row]) if m]
+      window = [pairs[0][0]] + [t for _, t in pairs]
+      # Consecutive items of the timeline, as long as the window allows.
+      assert len(window) == min(len(timeline), HISTORY_LEN + 1)
+      starts = [s for s in range(len(timeline) - len(window) + 1)
+                if timeline[s:s + len(window)] == window]
+      assert starts, (user, window)
+      assert rows["item_id"][row] == window[-1]
+      covered[int(user)].update(pairs)
+      if len(timeline) <= HISTORY_LEN + 1:
+        for key in ("history", "targets", "target_mask", "item_id"):
+          np.testing.assert_array_equal(rows[key][row], latest[key][row])
+  long_users = [u for u in covered if len(_timeline(small.train, u)) > HISTORY_LEN + 1]
+  assert long_users   # the fixture has timelines longer than a window
+  for user in covered:
+    timeline = _timeline(small.train, user)
+    assert covered[user] == set(zip(timeline, timeline[1:])), user
+  # Seeded per row and epoch, and the scored transitions drawn as before (draw 0).
+  np.testing.assert_array_equal(batch("random", 3)["history"], batch("random", 3)["history"])
+  assert not np.array_equal(batch("random", 3)["history"], batch("random", 4)["history"])
+  np.testing.assert_array_equal(batch("random", 5, positions=2)["target_positions"],
+                                batch("latest", 5, positions=2)["target_positions"])
+  with pytest.raises(ValueError, match="next_window"):
+    batch("oldest", 0)

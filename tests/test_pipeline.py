@@ -72,13 +72,15 @@ def test_checkpoint_restore_resumes_exactly(small, skip):
   _assert_batches_equal(_take(fresh, 4), expected)
 
 
-# Per-user row kinds: (data.example, data.next_positions).
-USER_ROWS = {"cloze": ("cloze", 0), "next": ("next", 0), "next_sampled": ("next", 2)}
+# Per-user row kinds: (data.example, data.next_positions, data.next_window).
+USER_ROWS = {"cloze": ("cloze", 0, "latest"), "next": ("next", 0, "latest"),
+             "next_sampled": ("next", 2, "latest"), "next_random_window": ("next", 2, "random")}
 
 
 def _user_rows(kind):
-  example, next_positions = USER_ROWS[kind]
-  return dict(example=example, next_positions=next_positions, target_share=0.3)
+  example, next_positions, next_window = USER_ROWS[kind]
+  return dict(example=example, next_positions=next_positions, next_window=next_window,
+              target_share=0.3)
 
 
 @pytest.mark.parametrize("example", list(USER_ROWS))
@@ -113,7 +115,8 @@ def test_user_batches_do_not_depend_on_the_process_count(small, example):
   if example != "next":   # the random choices: hidden items, or the transitions kept
     users = examples.trained_users(examples.TrainExampleIndex.build(small))
     rows = np.concatenate([b["user_id"][b["example_mask"]] for b in whole])
-    drawn = "target_mask" if example == "cloze" else "target_positions"
+    drawn = {"cloze": "target_mask", "next_sampled": "target_positions",
+             "next_random_window": "history"}[example]
     hidden = np.concatenate([b[drawn][b["example_mask"]] for b in whole])
     first_epoch, second_epoch = hidden[:len(users)], hidden[len(users):2 * len(users)]
     order = np.argsort(rows[:len(users)]), np.argsort(rows[len(users):2 * len(users)])

@@ -168,8 +168,8 @@ def make_train_dataset(dataset: RecDataset, *, batch_size: int, history_len: int
                        index: TrainExampleIndex | None = None,
                        log_q: np.ndarray | None = None,
                        history: str = "earlier", example: str = "interaction",
-                       target_share: float = 0.2, next_positions: int = 0
-                       ) -> grain.MapDataset:
+                       target_share: float = 0.2, next_positions: int = 0,
+                       next_window: str = "latest") -> grain.MapDataset:
   """A MapDataset of this process's training batches (dicts with TRAIN_BATCH_SPEC keys).
 
   ``batch_size`` is the per-process batch size. ``index``/``log_q`` default to being built
@@ -193,7 +193,8 @@ def make_train_dataset(dataset: RecDataset, *, batch_size: int, history_len: int
                            with_epochs=True)
   return ids.map(UserBatchFn(dataset, index, users, history_len=history_len, log_q=log_q,
                              batch_size=batch_size, kind=example, target_share=target_share,
-                             seed=seed, next_positions=next_positions))
+                             seed=seed, next_positions=next_positions,
+                             next_window=next_window))
 
 
 def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: int, seed: int,
@@ -204,8 +205,8 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
                         index: TrainExampleIndex | None = None,
                         log_q: np.ndarray | None = None,
                         history: str = "earlier", example: str = "interaction",
-                        target_share: float = 0.2, next_positions: int = 0
-                        ) -> grain.DatasetIterator:
+                        target_share: float = 0.2, next_positions: int = 0,
+                        next_window: str = "latest") -> grain.DatasetIterator:
   """A checkpointable iterator of this process's training batches (``stream_spec`` reads
   what it streams).
 
@@ -220,7 +221,7 @@ def make_train_iterator(dataset: RecDataset, *, batch_size: int, history_len: in
                           num_epochs=num_epochs, process_index=process_index,
                           process_count=process_count, index=index, log_q=log_q,
                           history=history, example=example, target_share=target_share,
-                          next_positions=next_positions)
+                          next_positions=next_positions, next_window=next_window)
   # Small buffers: a batch with video is ~1 MB at default sizes, the default 500 is too many.
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                                prefetch_buffer_size=read_buffer_size))
@@ -255,7 +256,8 @@ def train_iterator_from_config(config: Any, dataset: RecDataset, *,
       num_workers=data.get("num_workers", 0) if num_workers is None else num_workers,
       index=index, log_q=log_q, history=data.get("history", "earlier"),
       example=data.get("example", "interaction"), target_share=data.get("target_share", 0.2),
-      next_positions=data.get("next_positions", 0))
+      next_positions=data.get("next_positions", 0),
+      next_window=data.get("next_window", "latest"))
 
 
 # ---- the global position, across process counts ------------------------------------------------
