@@ -409,3 +409,7 @@ def test_next_item_random_windows_cover_every_transition_of_a_long_timeline(smal
                                 batch("latest", 5, positions=2)["target_positions"])
   with pytest.raises(ValueError, match="next_window"):
     batch("oldest", 0)
+  with pytest.raises(ValueError, match="next_window"):
+    examples.make_user_batch(small, index, users, history_len=HISTORY_LEN,
+                             log_q=examples.item_log_q(small), batch_size=small.num_users,
+                             kind="cloze", target_share=0.3, seed=0, next_window="random")

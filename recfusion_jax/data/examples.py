@@ -277,8 +277,9 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
   ids[:users.size] = np.maximum(users, 0)
   if ids.max(initial=0) >= dataset.num_users:
     raise ValueError(f"user ids must be < {dataset.num_users}")
-  if next_window not in NEXT_WINDOWS:
-    raise ValueError(f"data.next_window={next_window!r}; choose from {NEXT_WINDOWS}")
+  if next_window not in NEXT_WINDOWS or (next_window != "latest" and kind != "next"):
+    raise ValueError(f"data.next_window={next_window!r} must be one of {NEXT_WINDOWS}, and "
+                     f"'latest' for rows of kind {kind!r} (a window choice of 'next' rows)")
   if not 0 <= next_positions <= history_len or (next_positions and kind != "next"):
     raise ValueError(f"next_positions must be in 0..history_len ({history_len}) and is for "
                      f"'next' rows only, got {next_positions} with kind {kind!r}")
