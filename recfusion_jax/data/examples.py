@@ -311,11 +311,13 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
     pick = np.argmax(np.where(hidden, draws[:, 2], -1.0), axis=1)
     item = window[np.arange(batch_size), pick]
   else:
-    if next_window == "random":
-      # Draw 1 of the row's generator: draw 0 picks its scored transitions below.
+    # Draw 0 of each row's generator picks its scored transitions, draw 1 its window's start;
+    # the rows' generators are built once for both (row_draws(2)[:, 0] == row_draws(1)[:, 0]).
+    draws = row_draws(2) if next_window == "random" else None
+    if draws is not None:
       start, end = index.user_start[ids], index.user_end[ids]
       slack = np.maximum(end - start - (history_len + 1), 0)
-      end = end - np.floor(row_draws(2)[:, 1, 0] * (slack + 1)).astype(end.dtype)
+      end = end - np.floor(draws[:, 1, 0] * (slack + 1)).astype(end.dtype)
       window, in_window = _window(index.item, start, end, history_len + 1)
     else:
       window, in_window = index.user_history(ids, history_len + 1)
@@ -326,7 +328,8 @@ def make_user_batch(dataset: RecDataset, index: TrainExampleIndex, users: np.nda
     item = window[:, -1]
     if next_positions:
       # The K transitions with the largest draws; padding slots sort last and stay masked.
-      order = np.argsort(-np.where(target_mask, row_draws(1)[:, 0], -1.0), axis=1, kind="stable")
+      first = (row_draws(1) if draws is None else draws)[:, 0]
+      order = np.argsort(-np.where(target_mask, first, -1.0), axis=1, kind="stable")
       positions = order[:, :next_positions]
       targets = np.take_along_axis(targets, positions, axis=1)
       target_mask = np.take_along_axis(target_mask, positions, axis=1)
