@@ -26,6 +26,11 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   m.content_dropout = 0.0    # hide each (item, modality) of the catalogue term in training
   m.item_item = "off"        # dot: a full-rank N x N history-to-item term: off | learned | ease
   m.item_item_reg = 500.0    # ease: EASE's L2 strength (the runner's valid choice for EASE)
+  # A first-order Markov chain's term at scoring time: off | markov (models/recfusion.py); its
+  # weight and decay are chosen on valid after training (benchmark/fit.py), over the latest
+  # ``transition_window`` history items.
+  m.transition = "off"
+  m.transition_window = 8
   # False: the in-batch term (content alone) trains the encoder and gate toward the user model
   # but does not move the user model, which the catalogue term alone then trains.
   m.in_batch_user_gradient = True

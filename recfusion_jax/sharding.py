@@ -30,7 +30,7 @@ PARAM_RULES: tuple[tuple[str, P], ...] = (
     (r"_embeddings/embedding$", P("fsdp", None)),          # ID / vocabulary tables: rows
     (r"cache_embeddings$", P("fsdp", None, None)),         # item cache: rows
     (r"cache_presence$", P("fsdp", None)),
-    (r"(^|/)item_item$", P("fsdp", None)),                # full-rank item-item term: rows
+    (r"(^|/)(item_item|transition)$", P("fsdp", None)),   # N x N item-item terms: rows
     (r"/kernel$", P("fsdp", None)),                        # Linear [in, out]: input dim
 )
 

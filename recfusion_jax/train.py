@@ -53,6 +53,7 @@ from clu import periodic_actions
 
 from recfusion_jax import (checkpointing, config_validation, gradcache, losses, model_eval,
                            sharding, tiled_losses, writers)
+from recfusion_jax.baselines import markov
 from recfusion_jax.data import examples, pipeline, sources
 from recfusion_jax.data.types import RecDataset
 from recfusion_jax.models import item_item
@@ -117,6 +118,7 @@ def create_model(config: ml_collections.ConfigDict, dataset: RecDataset) -> RecF
   model = _init_model(config, dataset)
   _load_init_from(model, config)
   fill_item_item_prior(model, dataset, config)
+  fill_transition_prior(model, dataset)
   return model
 
 
@@ -148,6 +150,18 @@ def fill_item_item_prior(model: RecFusion, dataset: RecDataset,
     variable[...] = sharding.put_global(np.asarray(value, np.float32), variable[...].sharding)
 
 
+def fill_transition_prior(model: RecFusion, dataset: RecDataset) -> None:
+  """``model.transition="markov"``: the chain's transition probabilities on ``dataset.train``
+  (``baselines.markov``), placed on the variable's sharding; otherwise nothing."""
+  if model.transition is None or isinstance(model.transition[...], jax.core.Tracer):
+    return   # restoring under nnx.eval_shape: the checkpoint holds the values
+  probabilities = markov.transition_probabilities(examples.TrainExampleIndex.build(dataset),
+                                                  dataset.catalogue.num_items)
+  logging.info("transition prior: a first-order Markov chain on %d training pairs",
+               len(dataset.train.user))
+  model.transition[...] = sharding.put_global(probabilities, model.transition[...].sharding)
+
+
 def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset, mesh: Any,
                          tx: optax.GradientTransformation, *,
                          min_elements: int = sharding.MIN_SHARD_ELEMENTS
@@ -170,12 +184,14 @@ def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset,
   graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
   state_shardings = sharding.state_shardings(abstract_state, mesh, min_elements)
   state = jax.jit(lambda: nnx.split(build())[1], out_shardings=state_shardings)()
-  if config.get("init_from") or config.model.get("item_item", "off") == "ease":
+  if (config.get("init_from") or config.model.get("item_item", "off") == "ease"
+      or config.model.get("transition", "off") != "off"):
     # Adam's moments start at zero whatever the weights are: loading after the optimizer
     # is built gives the eager path's state.
     model, optimizer = nnx.merge(graphdef, state)
     _load_init_from(model, config)
     fill_item_item_prior(model, dataset, config)
+    fill_transition_prior(model, dataset)
     state = nnx.state((model, optimizer))
   return graphdef, state, state_shardings
 

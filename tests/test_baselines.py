@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from recfusion_jax.baselines import bpr_mf, chance, common, ease, lightgcn, popularity, sasrec
+from recfusion_jax.baselines import (bpr_mf, chance, common, ease, lightgcn, markov,
+                                    popularity, sasrec)
 from recfusion_jax.data.types import Catalogue, Interactions, RecDataset
 
 
@@ -145,3 +146,51 @@ def test_sasrec_learns_a_planted_next_item_rule():
   assert losses[-1] < 0.5 * losses[0]
   got = common.rank_split(model.ranker(), data, data.test)
   assert got["HR@10"] > 0.9
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.5])
+def test_markov_chain_scores_equal_a_loop_over_each_users_timeline(decay):
+  # Timestamps out of row order (the timeline is sorted by time), repeated items, a user with a
+  # single item (no transition out of it), and an item never followed (an all-zero row).
+  rng = np.random.default_rng(0)
+  num_users, num_items, window = 6, 9, 3
+  users = np.r_[np.repeat(np.arange(5), 7), 5]
+  items = np.r_[rng.integers(0, num_items - 1, 35), 4]
+  stamps = rng.permutation(users.size)
+  data = _dataset(num_users, num_items, _interactions(users, items, stamps),
+                  _interactions([], []), _interactions([0], [8]))
+  model = markov.MarkovChain(data, decay=decay, window=window)
+  timelines = {u: [int(i) for _, i in sorted((t, i) for uu, i, t in zip(users, items, stamps)
+                                              if uu == u)] for u in range(num_users)}
+  counts = np.zeros((num_items, num_items))
+  for seq in timelines.values():
+    for a, b in zip(seq[:-1], seq[1:]):
+      counts[a, b] += 1
+  probs = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+  np.testing.assert_allclose(model.probabilities, probs, rtol=1e-6)
+  expected = np.zeros((num_users, num_items))
+  for u, seq in timelines.items():
+    for k, j in enumerate(reversed(seq[-window:])):
+      expected[u] += (decay ** k) * probs[j]
+  ranker = model.ranker()
+  got = np.asarray(ranker.score_fn(ranker.user_reps(np.arange(num_users)), ranker.item_table))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+  with pytest.raises(ValueError, match="decay"):
+    markov.MarkovChain(data, decay=1.0)
+
+
+def test_markov_chain_learns_a_planted_next_item_rule():
+  # The cyclic walk of the SASRec test: the latest item alone names the next one.
+  rng = np.random.default_rng(0)
+  num_users, num_items, length = 64, 30, 12
+  users, items = [], []
+  for u in range(num_users):
+    start = rng.integers(num_items)
+    users += [u] * (length + 1)
+    items += [(start + t) % num_items for t in range(length + 1)]
+  users, items = np.asarray(users), np.asarray(items)
+  last = np.r_[users[1:] != users[:-1], True]
+  data = _dataset(num_users, num_items, _interactions(users[~last], items[~last]),
+                  _interactions([], []), _interactions(users[last], items[last]))
+  got = common.rank_split(markov.MarkovChain(data, decay=0.0).ranker(), data, data.test)
+  assert got["HR@10"] == 1.0 and got["NDCG@10"] == 1.0

@@ -436,3 +436,52 @@ def test_content_fit_length_is_chosen_on_valid_then_refit(tmp_path):
   entry = results["warm_ratio"]["RecFusion"]
   assert entry["epochs_to_best"] == info["epochs_to_best"] and entry["epochs"] == info["epochs"]
   assert os.path.exists(os.path.join(tmp_path, "valid_warm_ratio.png"))
+
+
+def test_choose_transition_takes_the_weight_that_valid_scores_best():
+  """A cyclic walk (item i followed by i + 1): the Markov term names each valid item, an
+  untrained model does not, so a positive weight wins on valid by far; the first best grid
+  point is chosen; the model's own setting is left as it was; the chain is the data's."""
+  from recfusion_jax import train   # pylint: disable=import-outside-toplevel
+  from recfusion_jax.baselines import markov   # pylint: disable=import-outside-toplevel
+  from recfusion_jax.benchmark import fit   # pylint: disable=import-outside-toplevel
+  from recfusion_jax.data.examples import TrainExampleIndex   # pylint: disable=import-outside-toplevel
+  from recfusion_jax.data.synthetic import make_synthetic   # pylint: disable=import-outside-toplevel
+  from tests.helpers import tiny_config   # pylint: disable=import-outside-toplevel
+
+  config = tiny_config(**{"model.scoring": "dot", "model.item_bias": True,
+                          "model.fusion": "residual", "model.user.kind": "pool",
+                          "model.user.use_id": False, "model.history_fusion": "sum",
+                          "model.item_id.dropout": 0.0, "model.transition": "markov"})
+  num_items, num_users, length = 30, 16, 8
+  data = make_synthetic(config.data.synthetic, num_items=num_items, num_users=num_users,
+                        min_interactions=4, max_interactions=8)
+  rng = np.random.default_rng(0)
+  users, items = [], []
+  for u in range(num_users):
+    start = rng.integers(num_items)
+    users += [u] * (length + 1)
+    items += [(start + t) % num_items for t in range(length + 1)]
+  users, items = np.asarray(users, np.int32), np.asarray(items, np.int32)
+  last = np.r_[users[1:] != users[:-1], True]
+  part = lambda keep: Interactions(users[keep], items[keep], np.arange(users.size)[keep],
+                                   np.ones(int(keep.sum()), np.float32))
+  data = dataclasses.replace(data, train=part(~last), valid=part(last), test=part(last & False),
+                             known=None)
+  model = train.create_model(config, data)
+  # What training marks: the items with a trained ID (the term reads only those).
+  model.cache_has_id[...] = np.isin(np.arange(num_items), data.train.item)
+  np.testing.assert_allclose(
+      np.asarray(model.transition[...]),
+      markov.transition_probabilities(TrainExampleIndex.build(data), num_items))
+  (weight, decay), log = fit.choose_transition(
+      model, data, history_len=config.model.user.history_len, metric="NDCG@10")
+  scores = {(row["weight"], row["decay"]): row["NDCG@10"] for row in log}
+  assert len(log) == len(fit.TRANSITION_WEIGHTS) * len(fit.TRANSITION_DECAYS)
+  best = max(scores.values())
+  assert (weight, decay) == next(point for point, score in scores.items() if score == best)
+  assert weight > 0 and best > scores[0.0, 0.5] + 0.5
+  np.testing.assert_array_equal(np.asarray(model.transition_setting[...]), [0.0, 0.5])
+  with pytest.raises(ValueError, match="valid split"):
+    fit.choose_transition(model, dataclasses.replace(data, valid=part(last & False)),
+                          history_len=config.model.user.history_len, metric="NDCG@10")

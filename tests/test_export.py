@@ -107,3 +107,28 @@ def test_model_over_2gb_exports():
   assert largest < 5_000_000, largest
   table = programs["rank_items"].in_avals[2]
   assert any(a.shape == (num_items, 1024) for a in programs["rank_items"].in_avals), table
+
+
+def test_exported_transition_term_equals_in_process(tmp_path):
+  """model.transition="markov": the chain and its chosen (weight, decay) are state, so the
+  export carries them and answers as the in-process model, which they change."""
+  config = tiny_config(**{"model.scoring": "dot", "model.item_bias": True,
+                          "model.fusion": "residual", "model.user.kind": "pool",
+                          "model.user.use_id": False, "model.history_fusion": "sum",
+                          "model.transition": "markov"})
+  dataset = make_synthetic(num_items=60, num_users=30, num_topics=4, seed=0)
+  model = RecFusion(config.model, num_users=dataset.num_users,
+                    num_items=dataset.catalogue.num_items, rngs=nnx.Rngs(0))
+  model.cache_has_id[...] = np.ones(dataset.catalogue.num_items, bool)
+  model.transition[...] = np.asarray(jax.random.uniform(jax.random.key(0), (60, 60))) * 5.0
+  hist = config.model.user.history_len
+  plain = service.recommendations(model, dataset, history_len=hist, k=K).for_users(
+      list(range(30)), K)
+  model.transition_setting[...] = np.array([1.0, 0.5], np.float32)
+  export.export_for_serving(model, dataset, str(tmp_path), history_len=hist, k=K)
+  want = service.recommendations(model, dataset, history_len=hist, k=K).for_users(
+      list(range(30)), K)
+  got = serving.Recommendations.load(str(tmp_path)).for_users(list(range(30)), K)
+  np.testing.assert_array_equal(got["items"], want["items"])
+  np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-5, atol=1e-5)
+  assert (want["items"] != plain["items"]).any()

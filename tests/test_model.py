@@ -679,3 +679,58 @@ def test_sampled_next_positions_score_the_same_states_as_every_position():
 
   np.testing.assert_allclose(loss(batch(length)), loss(every), rtol=1e-5)
   assert abs(loss(batch(2)) - loss(every)) > 1e-4   # a sample, not the whole row
+
+
+DOT_TRANSITION = {**DOT_RESIDUAL, "model.transition": "markov", "model.transition_window": 3}
+
+
+def test_transition_term_weighs_the_latest_items_rows_of_p():
+  """transition="markov": score(u, i) gains weight * sum_k decay^(k-1) P[h_k(u), i] over the
+  latest ``transition_window`` items with a trained ID, where i has its ID; P and the setting
+  are state, not parameters; weight 0 (training's value) adds nothing; per-position states
+  carry no term."""
+  config = tiny_config(**{**DOT_TRANSITION, "model.item_id.dropout": 0.0})
+  model = _model(config)
+  model.eval()
+  p = np.asarray(jax.random.uniform(jax.random.key(4), (NUM_ITEMS, NUM_ITEMS)))
+  trained = np.arange(NUM_ITEMS) % 5 != 0
+  model.cache_has_id[...] = jnp.asarray(trained)
+  model.transition[...] = jnp.asarray(p)
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
+  hist = config.model.user.history_len
+  lengths = np.array([0, 1, 2, 3, 6, 5, 4, 6])     # left-padded, most recent last
+  batch["history_mask"] = np.arange(hist)[None, :] >= hist - lengths[:, None]
+  batch["item_has_id"][:] = True
+  batch["item_has_id"][3] = False
+  user_keys = ("user_id", "user_has_id", "history", "history_mask")
+  encode = lambda **kw: {k: np.asarray(v) for k, v in model.encode_users(
+      *(jnp.asarray(batch[k]) for k in user_keys), **kw).items()}
+  np.testing.assert_array_equal(encode()["transition"], 0.0)   # weight 0 until chosen
+  base = np.asarray(model(batch)["logits"])
+  model.transition_setting[...] = jnp.array([1.5, 0.5])
+  logits = np.asarray(model(batch)["logits"])
+
+  want_user = np.zeros((B, NUM_ITEMS))
+  for u in range(B):
+    latest_first = list(batch["history"][u][batch["history_mask"][u]])[::-1]
+    for k, j in enumerate(latest_first[:3]):
+      if trained[j]:
+        want_user[u] += 1.5 * 0.5 ** k * p[j]
+  np.testing.assert_allclose(encode()["transition"], want_user, rtol=1e-5, atol=1e-6)
+  want = want_user[:, batch["item_id"]] * batch["item_has_id"][None, :]
+  np.testing.assert_allclose(logits - base, want, rtol=1e-4, atol=1e-4)
+  assert np.all(logits[:, 3] == base[:, 3])                  # no ID: no transition term
+  causal = _model(tiny_config(**{**DOT_TRANSITION, "model.user.causal": True}))
+  causal.transition_setting[...] = jnp.array([1.0, 0.5])
+  assert "transition" not in causal.encode_users(*(jnp.asarray(batch[k]) for k in user_keys),
+                                                 per_position=True)
+  params = nnx.state(model, nnx.Param)
+  assert "transition" not in params and "transition_setting" not in params
+  model.transition_setting[...] = jnp.array([1.0, 0.0])      # decay 0: the latest item alone
+  latest = batch["history"][:, -1]
+  want_latest = np.where((lengths > 0) & trained[latest], 1.0, 0.0)[:, None] * p[latest]
+  np.testing.assert_allclose(encode()["transition"], want_latest, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="item_id.use"):
+    _model(tiny_config(**{**DOT_TRANSITION, "model.item_id.use": False}))
+  with pytest.raises(ValueError, match="choose from"):
+    _model(tiny_config(**{**DOT_RESIDUAL, "model.transition": "fpmc"}))

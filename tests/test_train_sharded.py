@@ -338,3 +338,31 @@ def test_ease_prior_lands_on_the_shardings():
   np.testing.assert_array_equal(np.asarray(eager.item_item[...]), np.asarray(prior))
   scale = float(state[0]["item_item_scale"][...])
   assert scale == float(eager.item_item_scale[...]) and scale > 1.0
+
+
+def test_transition_prior_lands_on_the_shardings():
+  """model.transition="markov": the chain's transition matrix, born split by rows over fsdp
+  (2 data x 4 fsdp) like the eager model's copy; the (weight, decay) setting starts at weight
+  0, so training sees the trained model alone."""
+  from recfusion_jax.baselines import markov   # pylint: disable=import-outside-toplevel
+  from recfusion_jax.data.examples import TrainExampleIndex   # pylint: disable=import-outside-toplevel
+  from recfusion_jax.data.types import Interactions      # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{"model.scoring": "dot", "model.fusion": "residual",
+                          "model.transition": "markov"})
+  rng = np.random.default_rng(0)
+  n = 400
+  data = types.SimpleNamespace(
+      num_users=NUM_USERS, catalogue=types.SimpleNamespace(num_items=NUM_ITEMS),
+      train=Interactions(rng.integers(0, NUM_USERS, n).astype(np.int32),
+                         rng.integers(0, NUM_ITEMS, n).astype(np.int32),
+                         rng.permutation(n).astype(np.int64), np.ones(n, np.float32)))
+  want = markov.transition_probabilities(TrainExampleIndex.build(data), NUM_ITEMS)
+  mesh = sharding.make_mesh(data=2, fsdp=4)
+  tx, _ = train.make_optimizer(config, num_steps=10)
+  _, state, _ = train.create_sharded_state(config, data, mesh, tx, min_elements=64)
+  chain = state[0]["transition"][...]
+  np.testing.assert_allclose(np.asarray(chain), want, rtol=1e-6)
+  assert {s.data.shape for s in chain.addressable_shards} == {(NUM_ITEMS // 4, NUM_ITEMS)}
+  eager = train.create_model(config, data)
+  np.testing.assert_array_equal(np.asarray(eager.transition[...]), np.asarray(chain))
+  assert float(state[0]["transition_setting"][...][0]) == 0.0

@@ -9,6 +9,7 @@ import json
 import os
 from typing import Any, Collection, Mapping, Sequence
 
+import jax
 import ml_collections
 import numpy as np
 from etils import epath
@@ -121,6 +122,7 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
   settings = train.ValidationSettings.from_config(config)
   metric = settings.metric
   fit_rows = _rows_per_epoch(config, fit)   # an index of fit's train split: build it once
+  selected = None
   if settings.every and len(fit.valid) == 0:
     # The final fit has no valid split (train + valid merged): choose its length on valid with
     # a train-only fit first, then refit for the same number of epochs (how the baselines
@@ -135,15 +137,76 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
     config.validation.every = 0
     info.update(_selection_info(selected, metric), refit_steps=config.num_steps,
                 num_steps=config.num_steps)
+  elif config.model.get("transition", "off") != "off" and len(fit.valid) == 0:
+    # A fixed-length fit still needs a train-only twin: the transition term's weight is chosen
+    # on valid, by a model that never saw the valid items.
+    tune = _with_catalogue(pdata.tune, pdata.tune.catalogue, text_len)
+    selected = train.train_model(config, epath.Path(run_dir) / "select", dataset=tune)
   trained = train.train_model(config, run_dir, dataset=fit)
   if trained.best is not None:
     info.update(_selection_info(trained, metric))
   info["epochs"] = pipeline.epochs(trained.last_step, config.batch_size, fit_rows)
+  if trained.model.transition is not None:
+    # Chosen on valid: by the train-only fit when the final fit has no valid split.
+    chooser = (trained.model, fit) if len(fit.valid) else (selected.model, tune)
+    setting, log = choose_transition(*chooser, history_len=config.model.user.history_len,
+                                     metric=metric, chunk=config.eval_block_size)
+    set_transition(trained.model, *setting)
+    info["transition"] = {"weight": setting[0], "decay": setting[1], "valid_log": log}
   catalogue = _with_catalogue(fit, pdata.catalogue, text_len).catalogue
   ranker = model_eval.model_ranker(trained.model, fit, catalogue,
                                    history_len=config.model.user.history_len,
                                    chunk=config.eval_block_size)
   return ranker, trained.model, catalogue, info
+
+
+# ``model.transition``'s grid, scored on valid after training. The weight is in the trained
+# model's logit units, whose scale a fit sets: hence a grid over 1.5 decades (docs/TUNING.md §27).
+TRANSITION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+TRANSITION_DECAYS = (0.5, 0.7)
+
+
+def set_transition(model: Any, weight: float, decay: float) -> None:
+  """Sets ``model.transition_setting`` (weight, decay), placed as the variable lies."""
+  old = model.transition_setting[...]
+  model.transition_setting[...] = jax.device_put(np.array([weight, decay], np.float32),
+                                                 old.sharding)
+
+
+def choose_transition(model: Any, dataset: RecDataset, *, history_len: int, metric: str,
+                      chunk: int = 256, weights: Sequence[float] = TRANSITION_WEIGHTS,
+                      decays: Sequence[float] = TRANSITION_DECAYS
+                      ) -> tuple[tuple[float, float], list[dict[str, float]]]:
+  """((weight, decay), log): the grid point of ``model.transition``'s term that scores best on
+  ``dataset.valid`` (ties: the first, so the smallest weight), and every point's score. The
+  term is linear in its weight, so each decay encodes users once, at weight 1, and scales."""
+  if len(dataset.valid) == 0:
+    raise ValueError(f"{dataset.name}: choosing the transition weight needs a valid split")
+  saved = np.asarray(model.transition_setting[...])
+  log, best = [], None
+  try:
+    for decay in decays:
+      set_transition(model, 1.0, decay)
+      ranker = model_eval.model_ranker(model, dataset, history_len=history_len, chunk=chunk)
+      cache: dict[str, Any] = {}
+
+      def reps(users, weight, ranker=ranker, cache=cache):
+        key = np.asarray(users).tobytes()
+        if key not in cache:
+          cache.clear()
+          cache[key] = ranker.user_reps(users)
+        return {**cache[key], "transition": cache[key]["transition"] * weight}
+
+      for weight in weights:
+        scaled = Ranker(user_reps=functools.partial(reps, weight=weight),
+                        item_table=ranker.item_table, score_fn=ranker.score_fn)
+        score = float(rank_split(scaled, dataset, dataset.valid)[metric])
+        log.append({"weight": float(weight), "decay": float(decay), metric: score})
+        if best is None or score > best[0]:
+          best = (score, (float(weight), float(decay)))
+  finally:
+    set_transition(model, *saved.tolist())
+  return best[1], log
 
 
 def _rows_per_epoch(config: ml_collections.ConfigDict, dataset: RecDataset) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import ml_collections
 
 from recfusion_jax import config_lib
-from recfusion_jax.baselines import bpr_mf, chance, ease, lightgcn, popularity, sasrec
+from recfusion_jax.baselines import bpr_mf, chance, ease, lightgcn, markov, popularity, sasrec
 from recfusion_jax.baselines.common import Baseline
 
 PROTOCOLS: tuple[str, ...] = ("warm_ratio", "loo", "cold_items", "cold_users",
@@ -33,8 +33,8 @@ class BaselineSpec:
   protocols: tuple[str, ...] = ("warm_ratio", "loo", "cold_users", "missing_modality")
 
 
-# ID-only models cannot score items they never saw, so cold_items is not theirs; SASRec is a
-# next-item model, run on the sequential protocol.
+# ID-only models cannot score items they never saw, so cold_items is not theirs; SASRec and the
+# Markov chain are next-item models, run on the sequential protocol.
 BASELINES: dict[str, BaselineSpec] = {
     "random": BaselineSpec(chance.RandomScores, protocols=RANKING_PROTOCOLS),
     "popularity": BaselineSpec(popularity.Popularity),
@@ -45,6 +45,7 @@ BASELINES: dict[str, BaselineSpec] = {
                              lightgcn.EVAL_EVERY),
     "sasrec": BaselineSpec(sasrec.SASRec, tuple(sasrec.GRID), sasrec.MAX_EPOCHS,
                            sasrec.EVAL_EVERY, protocols=("loo",)),
+    "markov": BaselineSpec(markov.MarkovChain, tuple(markov.GRID), protocols=("loo",)),
 }
 
 

@@ -27,8 +27,9 @@ from its gated content alone.
 user independent) are the ablations; all share this interface. A table may carry
 ``score_bias`` [I] (a per-item popularity term), added to every user's score of the item, and
 ``item_id`` [I] with ``id_weight`` [I]: where users carry ``item_item`` [U, N] (a full-rank
-history-to-item term, ``RecFusion.item_item_scores``), user u's score of item i gains
-item_item[u, item_id[i]] * id_weight[i].
+history-to-item term, ``RecFusion.item_item_scores``) or ``transition`` [U, N] (a Markov chain's,
+``RecFusion.transition_scores``), user u's score of item i gains item_item[u, item_id[i]] *
+id_weight[i], and the same of ``transition``.
 """
 
 from __future__ import annotations
@@ -113,7 +114,8 @@ class Fusion(nnx.Module):
   def scores(self, users: dict[str, jax.Array | None],
              table: dict[str, jax.Array]) -> jax.Array:
     """Un-tempered scores [U, I] = sum_s w_s(u, i) <u, e_{i,s}> (+ the table's extra terms);
-    ``users``: {"emb" [U, d], "query" [U, h] or None, optional "item_item" [U, N]}."""
+    ``users``: {"emb" [U, d], "query" [U, h] or None, optional "item_item" and "transition"
+    [U, N]}."""
     return fused_scores(users, table, kind=self.kind, gate_dim=self.gate_dim)
 
 
@@ -173,9 +175,10 @@ def fused_scores(users: dict[str, jax.Array], table: dict[str, jax.Array], *, ki
     scores = scores + weight * (user @ emb[:, s].T)
   if "score_bias" in table:
     scores = scores + table["score_bias"][None, :]
-  if "item_item" in users:
-    scores = scores + jnp.take(users["item_item"], table["item_id"], axis=1) * table[
-        "id_weight"][None, :]
+  for key in ("item_item", "transition"):   # ID-side [U, N] terms, read by item ID
+    if key in users:
+      scores = scores + jnp.take(users[key], table["item_id"], axis=1) * table[
+          "id_weight"][None, :]
   return scores
 
 

@@ -33,6 +33,15 @@ the closed-form EASE, which is exactly such a W, leads every low-rank model (doc
 W is N x N: a term for catalogues of thousands of items, not millions. It is an ID-side term
 (zero for items without a trained ID, i.e. cold items), and it reads a user's whole history, so
 it has no per-position (causal) form.
+
+``model.transition="markov"`` (with item IDs) adds a first-order Markov term, FPMC's
+"what follows what" in closed form: P[j, i] = the share of transitions out of item j in the
+training timelines that go to i (``baselines.markov``, filled by ``train.fill_transition_prior``),
+and score(u, i) += weight * sum_k decay^(k-1) P[h_k(u), i] over the user's latest
+``transition_window`` items. It is not trained: ``transition_setting`` = (weight, decay) is 0 in
+training and chosen on valid after it (``benchmark.fit.choose_transition``), a product of the
+trained model and the chain at scoring time. On MovieLens loo the chain holds the sequential
+signal of the last transition that SASRec reads and the pooled user misses (docs/TUNING.md §27).
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from recfusion_jax.models.user import UserEncoder
 
 SCORINGS = ("cosine", "dot")
 ITEM_ITEM = ("off", "learned", "ease")
+TRANSITIONS = ("off", "markov")
 HISTORY_FUSIONS = ("gated", "sum", "id")
 
 
@@ -59,6 +69,10 @@ class ItemCache(nnx.Variable):
 
 class ItemItemPrior(nnx.Variable):
   """Non-trainable state: a closed-form item-item matrix fitted on the training interactions."""
+
+
+class ScoringSetting(nnx.Variable):
+  """Non-trainable state chosen after training (on valid), used at scoring time only."""
 
 
 def _clipped_inverse_temperature(log_temperature: jax.Array) -> jax.Array:
@@ -113,6 +127,19 @@ class RecFusion(nnx.Module):
     # learned scale, started where the prior best fits the training data as a softmax.
     self.item_item_scale = (nnx.Param(jnp.ones((), jnp.float32))
                             if self.item_item_mode == "ease" else None)
+    self.transition_mode = cfg.get("transition", "off")
+    if self.transition_mode not in TRANSITIONS:
+      raise ValueError(f"model.transition={self.transition_mode!r}; choose from {TRANSITIONS}")
+    if self.transition_mode != "off" and not self.use_item_id:
+      raise ValueError("model.transition reads the history's item IDs: it needs model.item_id.use")
+    self.transition_window = int(cfg.get("transition_window", 8))
+    if self.transition_window < 1:
+      raise ValueError(f"model.transition_window must be >= 1, got {self.transition_window}")
+    use_transition = self.transition_mode == "markov"
+    self.transition = ItemItemPrior(zeros) if use_transition else None
+    # (weight, decay): weight 0 leaves the trained model's scores as they are.
+    self.transition_setting = (ScoringSetting(jnp.array([0.0, 0.5], jnp.float32))
+                               if use_transition else None)
     self.content_scale = (nnx.Param(jnp.ones((len(self.modalities),), jnp.float32))
                           if self.scoring == "dot" and self.modalities else None)
     # Residual fusion adds an item's gated content at weight 1 next to its ID vector, so a warm
@@ -194,8 +221,9 @@ class RecFusion(nnx.Module):
     if self.item_bias is not None:
       # Popularity is an ID-side fact: an item without a trained ID (cold) gets no bias.
       table["score_bias"] = self.item_bias[...][item_id] * has_id.astype(jnp.float32)
-    if self.item_item is not None:
-      # fusion.fused_scores adds users["item_item"][:, item_id] where the item has its ID.
+    if self.item_item is not None or self.transition is not None:
+      # fusion.fused_scores adds users["item_item"] and users["transition"] [:, item_id] where
+      # the item has its ID.
       table["item_id"] = item_id
       table["id_weight"] = has_id.astype(jnp.float32)
     return table
@@ -225,7 +253,9 @@ class RecFusion(nnx.Module):
       vectors = jnp.zeros(history.shape + (self.embed_dim,))
       if self.modalities and self.history_fusion == "sum":
         if per_item is None:
-          per_item = self.num_items < history.size
+          # An exported program's batch is symbolic, so the sizes cannot be compared: per item
+          # is right at any size.
+          per_item = not isinstance(history.size, int) or self.num_items < history.size
         cache = jax.lax.stop_gradient(self.cache_embeddings[...][:, :m])
         present = self.cache_presence[...][:, :m]
         if per_item:
@@ -261,7 +291,24 @@ class RecFusion(nnx.Module):
         raise ValueError("model.item_item scores from a whole history: no per-position form "
                          "(switch it off for causal next-item rows)")
       users["item_item"] = self.item_item_scores(history, history_mask)
+    if self.transition is not None and not per_position:
+      # Per-position rows exist in training only, where the weight is 0: nothing is left out.
+      users["transition"] = self.transition_scores(history, history_mask)
     return users
+
+  def transition_scores(self, history: jax.Array, history_mask: jax.Array) -> jax.Array:
+    """[B, N]: weight * sum_k decay^(k-1) P[h_k, :] over the latest ``transition_window``
+    history items with a trained ID (history left-padded, most recent last)."""
+    weight, decay = self.transition_setting[...][0], self.transition_setting[...][1]
+    window = min(self.transition_window, history.shape[1])
+    recent, mask = history[:, -window:], history_mask[:, -window:]
+    age = jnp.arange(window - 1, -1, -1, dtype=jnp.float32)    # 0 for the latest slot
+    per_slot = jnp.where(age == 0, 1.0, decay ** age)           # decay 0: the latest alone
+    weights = jnp.where(mask & self.cache_has_id[...][recent], per_slot[None, :], 0.0)
+    rows = jnp.arange(history.shape[0])[:, None]
+    recency = jnp.zeros((history.shape[0], self.num_items), jnp.float32).at[rows, recent].add(
+        weights)
+    return weight * (recency @ self.transition[...])
 
   def item_item_scores(self, history: jax.Array, history_mask: jax.Array) -> jax.Array:
     """[B, N]: sum_{j in history} W[j, :] over the history items with a trained ID, divided by
@@ -420,4 +467,5 @@ def source_names(model: RecFusion) -> tuple[str, ...]:
   return model.sources if model.fusion.kind != "concat" else ("fused",)
 
 
-__all__ = ["RecFusion", "ItemCache", "ItemItemPrior", "source_names", "MODALITIES"]
+__all__ = ["RecFusion", "ItemCache", "ItemItemPrior", "ScoringSetting", "source_names",
+           "MODALITIES"]
