@@ -38,6 +38,21 @@ def tiny_config(**overrides):
   return config
 
 
+def cyclic_walks(num_users: int, num_items: int, length: int, seed: int = 0
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(users, items, last) of timelines in which every user walks the catalogue cyclically
+  (item i followed by i + 1 mod N) for ``length + 1`` steps from a random start; ``last`` marks
+  each user's final step (the next item only an order-aware model names)."""
+  rng = np.random.default_rng(seed)
+  users, items = [], []
+  for u in range(num_users):
+    start = rng.integers(num_items)
+    users += [u] * (length + 1)
+    items += [(start + t) % num_items for t in range(length + 1)]
+  users, items = np.asarray(users, np.int32), np.asarray(items, np.int32)
+  return users, items, np.r_[users[1:] != users[:-1], True]
+
+
 def random_batch(config, batch_size: int, num_users: int, num_items: int, seed: int = 0,
                  presence: np.ndarray | None = None) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)

@@ -6,6 +6,7 @@ import pytest
 from recfusion_jax.baselines import (bpr_mf, chance, common, ease, lightgcn, markov,
                                     popularity, sasrec)
 from recfusion_jax.data.types import Catalogue, Interactions, RecDataset
+from tests.helpers import cyclic_walks
 
 
 def _interactions(user, item, timestamp=None):
@@ -126,20 +127,16 @@ def test_sasrec_windows_cover_every_transition_once():
     assert not np.any(real[:-1] & ~real[1:])
 
 
-def test_sasrec_learns_a_planted_next_item_rule():
-  # Every user walks the catalogue cyclically (item i is followed by i + 1 mod N) from a
-  # random start; the held-out item is the next step, which only an order-aware model gets.
-  rng = np.random.default_rng(0)
-  num_users, num_items, length = 64, 30, 12
-  users, items = [], []
-  for u in range(num_users):
-    start = rng.integers(num_items)
-    users += [u] * (length + 1)
-    items += [(start + t) % num_items for t in range(length + 1)]
-  users, items = np.asarray(users), np.asarray(items)
-  last = np.r_[users[1:] != users[:-1], True]
-  data = _dataset(num_users, num_items, _interactions(users[~last], items[~last]),
+def _cyclic_walks(num_users=64, num_items=30, length=12):
+  """Every user walks the catalogue cyclically (item i is followed by i + 1 mod N) from a
+  random start; the held-out item is the next step, which only an order-aware model gets."""
+  users, items, last = cyclic_walks(num_users, num_items, length)
+  return _dataset(num_users, num_items, _interactions(users[~last], items[~last]),
                   _interactions([], []), _interactions(users[last], items[last]))
+
+
+def test_sasrec_learns_a_planted_next_item_rule():
+  data = _cyclic_walks()
   model = sasrec.SASRec(data, max_len=8, dim=16, depth=1, dropout=0.0, learning_rate=1e-2,
                         batch_size=32, num_negatives=16)
   losses = model.train(25)
@@ -180,17 +177,7 @@ def test_markov_chain_scores_equal_a_loop_over_each_users_timeline(decay):
 
 
 def test_markov_chain_learns_a_planted_next_item_rule():
-  # The cyclic walk of the SASRec test: the latest item alone names the next one.
-  rng = np.random.default_rng(0)
-  num_users, num_items, length = 64, 30, 12
-  users, items = [], []
-  for u in range(num_users):
-    start = rng.integers(num_items)
-    users += [u] * (length + 1)
-    items += [(start + t) % num_items for t in range(length + 1)]
-  users, items = np.asarray(users), np.asarray(items)
-  last = np.r_[users[1:] != users[:-1], True]
-  data = _dataset(num_users, num_items, _interactions(users[~last], items[~last]),
-                  _interactions([], []), _interactions(users[last], items[last]))
+  # The latest item alone names the next one.
+  data = _cyclic_walks()
   got = common.rank_split(markov.MarkovChain(data, decay=0.0).ranker(), data, data.test)
   assert got["HR@10"] == 1.0 and got["NDCG@10"] == 1.0

@@ -447,7 +447,7 @@ def test_choose_transition_takes_the_weight_that_valid_scores_best():
   from recfusion_jax.benchmark import fit   # pylint: disable=import-outside-toplevel
   from recfusion_jax.data.examples import TrainExampleIndex   # pylint: disable=import-outside-toplevel
   from recfusion_jax.data.synthetic import make_synthetic   # pylint: disable=import-outside-toplevel
-  from tests.helpers import tiny_config   # pylint: disable=import-outside-toplevel
+  from tests.helpers import cyclic_walks, tiny_config   # pylint: disable=import-outside-toplevel
 
   config = tiny_config(**{"model.scoring": "dot", "model.item_bias": True,
                           "model.fusion": "residual", "model.user.kind": "pool",
@@ -456,14 +456,7 @@ def test_choose_transition_takes_the_weight_that_valid_scores_best():
   num_items, num_users, length = 30, 16, 8
   data = make_synthetic(config.data.synthetic, num_items=num_items, num_users=num_users,
                         min_interactions=4, max_interactions=8)
-  rng = np.random.default_rng(0)
-  users, items = [], []
-  for u in range(num_users):
-    start = rng.integers(num_items)
-    users += [u] * (length + 1)
-    items += [(start + t) % num_items for t in range(length + 1)]
-  users, items = np.asarray(users, np.int32), np.asarray(items, np.int32)
-  last = np.r_[users[1:] != users[:-1], True]
+  users, items, last = cyclic_walks(num_users, num_items, length)
   part = lambda keep: Interactions(users[keep], items[keep], np.arange(users.size)[keep],
                                    np.ones(int(keep.sum()), np.float32))
   data = dataclasses.replace(data, train=part(~last), valid=part(last), test=part(last & False),
