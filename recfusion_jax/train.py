@@ -138,15 +138,23 @@ def _load_init_from(model: RecFusion, config: ml_collections.ConfigDict) -> None
 def fill_item_item_prior(model: RecFusion, dataset: RecDataset,
                          config: ml_collections.ConfigDict) -> None:
   """``model.item_item="ease"``: EASE's weights on ``dataset.train`` and their starting scale
-  (``models.item_item``), each placed on its variable's sharding; otherwise nothing."""
+  (``models.item_item``); ``"ease_fixed"``: the weights alone. Each value is placed on its
+  variable's sharding; other modes: nothing."""
   # Under nnx.eval_shape (restoring: the values come from the checkpoint) only shapes matter,
   # and the zeros the model was built with have them: no EASE fit for nothing.
-  if model.item_item_mode != "ease" or isinstance(model.item_item[...], jax.core.Tracer):
+  if (model.item_item_mode not in ("ease", "ease_fixed")
+      or isinstance(model.item_item[...], jax.core.Tracer)):
     return
-  weights, scale = item_item.ease_prior(dataset, float(config.model.item_item_reg))
-  logging.info("item-item prior: EASE (reg %g) on %d training pairs, starting scale %g",
-               config.model.item_item_reg, len(dataset.train.user), scale)
-  for variable, value in ((model.item_item, weights), (model.item_item_scale, scale)):
+  reg = float(config.model.item_item_reg)
+  if model.item_item_mode == "ease_fixed":   # weighted after training: no starting scale
+    filled = [(model.item_item, item_item.ease_weights_of(dataset, reg))]
+  else:
+    weights, scale = item_item.ease_prior(dataset, reg)
+    filled = [(model.item_item, weights), (model.item_item_scale, scale)]
+  logging.info("item-item prior: EASE (reg %g) on %d training pairs%s", reg,
+               len(dataset.train.user),
+               f", starting scale {filled[1][1]:g}" if len(filled) > 1 else "")
+  for variable, value in filled:
     variable[...] = sharding.put_global(np.asarray(value, np.float32), variable[...].sharding)
 
 
@@ -184,7 +192,7 @@ def create_sharded_state(config: ml_collections.ConfigDict, dataset: RecDataset,
   graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
   state_shardings = sharding.state_shardings(abstract_state, mesh, min_elements)
   state = jax.jit(lambda: nnx.split(build())[1], out_shardings=state_shardings)()
-  if (config.get("init_from") or config.model.get("item_item", "off") == "ease"
+  if (config.get("init_from") or config.model.get("item_item", "off") in ("ease", "ease_fixed")
       or config.model.get("transition", "off") != "off"):
     # Adam's moments start at zero whatever the weights are: loading after the optimizer
     # is built gives the eager path's state.

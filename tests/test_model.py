@@ -99,13 +99,14 @@ DOT_RESIDUAL = {"model.scoring": "dot", "model.item_bias": True, "model.fusion":
 
 DOT_ITEM_ITEM = {**DOT_RESIDUAL, "model.item_item": "learned"}
 DOT_EASE_PRIOR = {**DOT_RESIDUAL, "model.item_item": "ease"}
+DOT_EASE_FIXED = {**DOT_RESIDUAL, "model.item_item": "ease_fixed"}
 DOT_CONTENT_SCALE = {**DOT_RESIDUAL, "model.item_content_scale": True}
 
 
 @pytest.mark.parametrize("variant", [{}, DOT_RESIDUAL, DOT_ITEM_ITEM, DOT_EASE_PRIOR,
-                                     DOT_CONTENT_SCALE],
+                                     DOT_EASE_FIXED, DOT_CONTENT_SCALE],
                          ids=["cosine_gated", "dot_residual", "dot_item_item", "dot_ease_prior",
-                              "dot_content_scale"])
+                              "dot_ease_fixed", "dot_content_scale"])
 def test_recommender_scores_equal_training_logits(variant):
   """Catalogue tables + user encodings (the eval path) reproduce the train-time logits."""
   config = tiny_config(**{"model.item_id.dropout": 0.0, **variant})
@@ -116,6 +117,8 @@ def test_recommender_scores_equal_training_logits(variant):
     model.item_item[...] = jax.random.normal(jax.random.key(1), (NUM_ITEMS, NUM_ITEMS))
   if model.item_item_scale is not None:
     model.item_item_scale[...] = 3.0
+  if model.item_item_setting is not None:
+    model.item_item_setting[...] = jnp.array([1.7])
   if model.item_content_scale is not None:
     model.item_content_scale[...] = jnp.linspace(-0.5, 2.0, NUM_ITEMS)
   batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
@@ -480,6 +483,38 @@ def test_ease_prior_is_fixed_and_scaled():
   grads = nnx.grad(lambda m: jnp.sum(m(batch, full_catalogue=True)["catalogue_logits"] ** 2))(
       model)
   assert abs(float(grads.item_item_scale[...])) > 0
+
+
+def test_fixed_ease_term_is_weighted_after_training():
+  """item_item="ease_fixed": at its starting weight 0 the model scores as without the term
+  (training is unchanged); at weight w the gain is w * sum_{j in history, j trained} W[j, i];
+  W and the weight are state, not parameters; per-position rows carry no term."""
+  config = tiny_config(**{**DOT_EASE_FIXED, "model.item_id.dropout": 0.0})
+  model, plain = _model(config), _model(tiny_config(**{**DOT_RESIDUAL,
+                                                        "model.item_id.dropout": 0.0}))
+  for m in (model, plain):
+    m.eval()
+    m.cache_has_id[...] = jnp.asarray(np.arange(NUM_ITEMS) % 4 != 0)
+  w = np.asarray(jax.random.normal(jax.random.key(4), (NUM_ITEMS, NUM_ITEMS)))
+  model.item_item[...] = jnp.asarray(w)
+  batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
+  np.testing.assert_array_equal(np.asarray(model(batch)["logits"]),
+                                np.asarray(plain(batch)["logits"]))
+  model.item_item_setting[...] = jnp.array([2.5])
+  user_keys = ("user_id", "user_has_id", "history", "history_mask")
+  users = model.encode_users(*(jnp.asarray(batch[k]) for k in user_keys))
+  hot = np.zeros((B, NUM_ITEMS))
+  for u in range(B):
+    for j, m in zip(batch["history"][u], batch["history_mask"][u]):
+      hot[u, j] += m * (j % 4 != 0)
+  np.testing.assert_allclose(np.asarray(users["item_item"]), 2.5 * hot @ w, rtol=1e-4,
+                             atol=1e-4)
+  params = nnx.state(model, nnx.Param)
+  assert "item_item" not in params and "item_item_setting" not in params
+  assert model.item_item_scale is None
+  causal = _model(tiny_config(**{**DOT_EASE_FIXED, "model.user.causal": True}))
+  assert "item_item" not in causal.encode_users(*(jnp.asarray(batch[k]) for k in user_keys),
+                                                per_position=True)
 
 
 def test_softmax_scale_matches_a_naive_search():

@@ -311,13 +311,15 @@ def test_evaluation_runs_on_the_sharded_state(monkeypatch):
   assert jax.sharding.PartitionSpec(("fsdp",)) in placed, placed
 
 
-def test_ease_prior_lands_on_the_shardings():
-  """model.item_item="ease": the prior is EASE's closed form on the training pairs, born split
-  by rows over fsdp (2 data x 4 fsdp) like the eager model's copy, with its starting scale."""
+@pytest.mark.parametrize("mode", ["ease", "ease_fixed"])
+def test_ease_prior_lands_on_the_shardings(mode):
+  """model.item_item="ease" / "ease_fixed": the prior is EASE's closed form on the training
+  pairs, born split by rows over fsdp (2 data x 4 fsdp) like the eager model's copy, with its
+  starting scale (ease) or its weight 0 (ease_fixed)."""
   from recfusion_jax.baselines.ease import ease_weights   # pylint: disable=import-outside-toplevel
   from recfusion_jax.data.types import Interactions      # pylint: disable=import-outside-toplevel
   config = tiny_config(**{"model.scoring": "dot", "model.fusion": "residual",
-                          "model.item_item": "ease", "model.item_item_reg": 5.0})
+                          "model.item_item": mode, "model.item_item_reg": 5.0})
   rng = np.random.default_rng(0)
   pairs = np.unique(np.stack([rng.integers(0, NUM_USERS, 400), rng.integers(0, NUM_ITEMS, 400)],
                              1), axis=0).astype(np.int32)
@@ -336,6 +338,9 @@ def test_ease_prior_lands_on_the_shardings():
   assert {s.data.shape for s in prior.addressable_shards} == {(NUM_ITEMS // 4, NUM_ITEMS)}
   eager = train.create_model(config, data)
   np.testing.assert_array_equal(np.asarray(eager.item_item[...]), np.asarray(prior))
+  if mode == "ease_fixed":
+    np.testing.assert_array_equal(np.asarray(state[0]["item_item_setting"][...]), [0.0])
+    return
   scale = float(state[0]["item_item_scale"][...])
   assert scale == float(eager.item_item_scale[...]) and scale > 1.0
 

@@ -137,22 +137,27 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
     config.validation.every = 0
     info.update(_selection_info(selected, metric), refit_steps=config.num_steps,
                 num_steps=config.num_steps)
-  elif config.model.get("transition", "off") != "off" and len(fit.valid) == 0:
-    # A fixed-length fit still needs a train-only twin: the transition term's weight is chosen
-    # on valid, by a model that never saw the valid items.
+  elif needs_score_terms(config) and len(fit.valid) == 0:
+    # A fixed-length fit still needs a train-only twin: the score terms' weights are chosen on
+    # valid, by a model that never saw the valid items.
     tune = _with_catalogue(pdata.tune, pdata.tune.catalogue, text_len)
     selected = train.train_model(config, epath.Path(run_dir) / "select", dataset=tune)
   trained = train.train_model(config, run_dir, dataset=fit)
   if trained.best is not None:
     info.update(_selection_info(trained, metric))
   info["epochs"] = pipeline.epochs(trained.last_step, config.batch_size, fit_rows)
-  if trained.model.transition is not None:
-    # Chosen on valid: by the train-only fit when the final fit has no valid split.
-    chooser = (trained.model, fit) if len(fit.valid) else (selected.model, tune)
-    setting, log = choose_transition(*chooser, history_len=config.model.user.history_len,
+  # Chosen on valid (by the train-only fit when the final fit has no valid split), one term
+  # after the other: each beside the ones already set.
+  chooser = (trained.model, fit) if len(fit.valid) else (
+      (selected.model, tune) if selected is not None else None)
+  for key in score_terms(trained.model):
+    setting, log = choose_score_term(*chooser, key, history_len=config.model.user.history_len,
                                      metric=metric, chunk=config.eval_block_size)
-    set_transition(trained.model, *setting)
-    info["transition"] = {"weight": setting[0], "decay": setting[1], "valid_log": log}
+    set_score_term(trained.model, key, setting)
+    if chooser[0] is not trained.model:   # the twin chooses the next term beside this one
+      set_score_term(chooser[0], key, setting)
+    names = ("weight", *SCORE_TERMS[key][1])
+    info[key] = {**dict(zip(names, setting)), "valid_log": log}
   catalogue = _with_catalogue(fit, pdata.catalogue, text_len).catalogue
   ranker = model_eval.model_ranker(trained.model, fit, catalogue,
                                    history_len=config.model.user.history_len,
@@ -160,52 +165,76 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
   return ranker, trained.model, catalogue, info
 
 
-# ``model.transition``'s grid, scored on valid after training. The weight is in the trained
-# model's logit units, whose scale a fit sets: hence a grid over 1.5 decades (docs/TUNING.md §27).
+# Terms of RecFusion's score that training leaves at weight 0 and the runner weighs after it,
+# on valid: {the users' key: (weights, the setting's other entries' names, their values to try)}.
+# Weights are in the trained model's logit units, whose scale a fit sets: hence grids over 1.5-2
+# decades. The transition's scores are probabilities (<= 1 an item), EASE's a regression onto
+# 0/1 (docs/TUNING.md §27, §28).
 TRANSITION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 TRANSITION_DECAYS = (0.5, 0.7)
+ITEM_ITEM_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+SCORE_TERMS: dict[str, tuple[tuple[float, ...], tuple[str, ...], tuple[tuple[float, ...], ...]]] = {
+    "item_item": (ITEM_ITEM_WEIGHTS, (), ((),)),
+    "transition": (TRANSITION_WEIGHTS, ("decay",), tuple((d,) for d in TRANSITION_DECAYS)),
+}
 
 
-def set_transition(model: Any, weight: float, decay: float) -> None:
-  """Sets ``model.transition_setting`` (weight, decay), placed as the variable lies."""
-  old = model.transition_setting[...]
-  model.transition_setting[...] = jax.device_put(np.array([weight, decay], np.float32),
-                                                 old.sharding)
+def needs_score_terms(config: ml_collections.ConfigDict) -> bool:
+  """Whether ``config``'s model has a term whose weight is chosen on valid after training."""
+  return (config.model.get("transition", "off") != "off"
+          or config.model.get("item_item", "off") == "ease_fixed")
 
 
-def choose_transition(model: Any, dataset: RecDataset, *, history_len: int, metric: str,
-                      chunk: int = 256, weights: Sequence[float] = TRANSITION_WEIGHTS,
-                      decays: Sequence[float] = TRANSITION_DECAYS
-                      ) -> tuple[tuple[float, float], list[dict[str, float]]]:
-  """((weight, decay), log): the grid point of ``model.transition``'s term that scores best on
-  ``dataset.valid`` (ties: the first, so the smallest weight), and every point's score. The
-  term is linear in its weight, so each decay encodes users once, at weight 1, and scales."""
+def score_terms(model: Any) -> list[str]:
+  """The keys of ``SCORE_TERMS`` that ``model`` carries (a ``{key}_setting`` variable)."""
+  return [key for key in SCORE_TERMS if getattr(model, f"{key}_setting", None) is not None]
+
+
+def set_score_term(model: Any, key: str, setting: Sequence[float]) -> None:
+  """Sets ``model.{key}_setting`` (weight, then the other entries), placed as it lies."""
+  variable = getattr(model, f"{key}_setting")
+  variable[...] = jax.device_put(np.asarray(setting, np.float32), variable[...].sharding)
+
+
+def choose_score_term(model: Any, dataset: RecDataset, key: str, *, history_len: int,
+                      metric: str, chunk: int = 256,
+                      weights: Sequence[float] | None = None,
+                      others: Sequence[Sequence[float]] | None = None
+                      ) -> tuple[tuple[float, ...], list[dict[str, float]]]:
+  """(setting, log): the grid point of ``model``'s ``key`` term (``SCORE_TERMS``) that scores
+  best on ``dataset.valid`` (ties: the first, so the smallest weight), and every point's
+  score. The term is linear in its weight, so each value of the other entries encodes users
+  once, at weight 1, and scales. The model's setting is left as it was."""
   if len(dataset.valid) == 0:
-    raise ValueError(f"{dataset.name}: choosing the transition weight needs a valid split")
-  saved = np.asarray(model.transition_setting[...])
+    raise ValueError(f"{dataset.name}: choosing the {key} weight needs a valid split")
+  default_weights, names, default_others = SCORE_TERMS[key]
+  weights = default_weights if weights is None else weights
+  others = default_others if others is None else others
+  saved = np.asarray(getattr(model, f"{key}_setting")[...])
   log, best = [], None
   try:
-    for decay in decays:
-      set_transition(model, 1.0, decay)
+    for rest in others:
+      set_score_term(model, key, (1.0, *rest))
       ranker = model_eval.model_ranker(model, dataset, history_len=history_len, chunk=chunk)
       cache: dict[str, Any] = {}
 
       def reps(users, weight, ranker=ranker, cache=cache):
-        key = np.asarray(users).tobytes()
-        if key not in cache:
+        users_key = np.asarray(users).tobytes()
+        if users_key not in cache:
           cache.clear()
-          cache[key] = ranker.user_reps(users)
-        return {**cache[key], "transition": cache[key]["transition"] * weight}
+          cache[users_key] = ranker.user_reps(users)
+        return {**cache[users_key], key: cache[users_key][key] * weight}
 
       for weight in weights:
         scaled = Ranker(user_reps=functools.partial(reps, weight=weight),
                         item_table=ranker.item_table, score_fn=ranker.score_fn)
         score = float(rank_split(scaled, dataset, dataset.valid)[metric])
-        log.append({"weight": float(weight), "decay": float(decay), metric: score})
+        point = (float(weight), *map(float, rest))
+        log.append({**dict(zip(("weight", *names), point)), metric: score})
         if best is None or score > best[0]:
-          best = (score, (float(weight), float(decay)))
+          best = (score, point)
   finally:
-    set_transition(model, *saved.tolist())
+    set_score_term(model, key, saved)
   return best[1], log
 
 

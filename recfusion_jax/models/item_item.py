@@ -40,6 +40,12 @@ def softmax_scale(x: np.ndarray, weights: np.ndarray, grid: tuple[float, ...] = 
   return best
 
 
+def ease_weights_of(dataset: RecDataset, reg: float) -> np.ndarray:
+  """W [N, N]: EASE's weights on ``dataset.train``."""
+  return ease_weights(binary_matrix(dataset.train, dataset.num_users,
+                                    dataset.catalogue.num_items), reg)
+
+
 def ease_prior(dataset: RecDataset, reg: float) -> tuple[np.ndarray, float]:
   """(W [N, N], initial scale) from ``dataset.train``: EASE's weights and ``softmax_scale``."""
   x = binary_matrix(dataset.train, dataset.num_users, dataset.catalogue.num_items)

@@ -30,6 +30,11 @@ the closed-form EASE, which is exactly such a W, leads every low-rank model (doc
            not trained), over the raw multi-hot as EASE scores, times a learned scale: the
            factors, the content and the gate then learn what the linear item-item model misses
            (a hybrid in the manner of EASE with side information).
+  ease_fixed  the same W, not trained and not in training: its weight ``item_item_setting`` is
+           0 in training and chosen on valid after it (``benchmark.fit.choose_score_terms``),
+           so the trained model is unchanged and the term is a blend at scoring time. Trained
+           jointly (``ease``) the softmax overfits what it adds to W (docs/TUNING.md §9); set
+           beside the finished model it adds what the factors miss (§28).
 W is N x N: a term for catalogues of thousands of items, not millions. It is an ID-side term
 (zero for items without a trained ID, i.e. cold items), and it reads a user's whole history, so
 it has no per-position (causal) form.
@@ -39,7 +44,7 @@ it has no per-position (causal) form.
 training timelines that go to i (``baselines.markov``, filled by ``train.fill_transition_prior``),
 and score(u, i) += weight * sum_k decay^(k-1) P[h_k(u), i] over the user's latest
 ``transition_window`` items. It is not trained: ``transition_setting`` = (weight, decay) is 0 in
-training and chosen on valid after it (``benchmark.fit.choose_transition``), a product of the
+training and chosen on valid after it (``benchmark.fit.choose_score_terms``), a product of the
 trained model and the chain at scoring time. On MovieLens loo the chain holds the sequential
 signal of the last transition that SASRec reads and the pooled user misses (docs/TUNING.md §27).
 """
@@ -58,7 +63,7 @@ from recfusion_jax.models.fusion import Fusion
 from recfusion_jax.models.user import UserEncoder
 
 SCORINGS = ("cosine", "dot")
-ITEM_ITEM = ("off", "learned", "ease")
+ITEM_ITEM = ("off", "learned", "ease", "ease_fixed")
 TRANSITIONS = ("off", "markov")
 HISTORY_FUSIONS = ("gated", "sum", "id")
 
@@ -122,11 +127,15 @@ class RecFusion(nnx.Module):
     # with exclude_history, negatives), so it needs no EASE-style zero constraint.
     zeros = jnp.zeros((num_items, num_items), jnp.float32)
     self.item_item = (nnx.Param(zeros) if self.item_item_mode == "learned" else
-                      ItemItemPrior(zeros) if self.item_item_mode == "ease" else None)
+                      ItemItemPrior(zeros) if self.item_item_mode in ("ease", "ease_fixed")
+                      else None)
     # The prior's scores are on EASE's scale (a regression onto 0/1), not a softmax's: a
     # learned scale, started where the prior best fits the training data as a softmax.
     self.item_item_scale = (nnx.Param(jnp.ones((), jnp.float32))
                             if self.item_item_mode == "ease" else None)
+    # ease_fixed: (weight,), 0 in training; chosen on valid after it.
+    self.item_item_setting = (ScoringSetting(jnp.zeros((1,), jnp.float32))
+                              if self.item_item_mode == "ease_fixed" else None)
     self.transition_mode = cfg.get("transition", "off")
     if self.transition_mode not in TRANSITIONS:
       raise ValueError(f"model.transition={self.transition_mode!r}; choose from {TRANSITIONS}")
@@ -286,7 +295,8 @@ class RecFusion(nnx.Module):
     hist_vectors = self.history_vectors(id_emb, history, history_mask)
     user = self.user_encoder(id_emb, hist_vectors, history_mask, per_position=per_position)
     users = {"emb": user, "query": self.fusion.user_query(user)}
-    if self.item_item is not None:
+    if self.item_item is not None and not (per_position and self.item_item_setting is not None):
+      # ease_fixed's weight is 0 wherever per-position rows exist (training): nothing left out.
       if per_position:
         raise ValueError("model.item_item scores from a whole history: no per-position form "
                          "(switch it off for causal next-item rows)")
@@ -312,7 +322,8 @@ class RecFusion(nnx.Module):
 
   def item_item_scores(self, history: jax.Array, history_mask: jax.Array) -> jax.Array:
     """[B, N]: sum_{j in history} W[j, :] over the history items with a trained ID, divided by
-    sqrt(n) (``learned``) or times the learned scale (``ease``)."""
+    sqrt(n) (``learned``), times the learned scale (``ease``) or the set weight
+    (``ease_fixed``)."""
     weights = (history_mask & self.cache_has_id[...][history]).astype(jnp.float32)
     rows = jnp.arange(history.shape[0])[:, None]
     # A multi-hot row times W: a [B, N] x [N, N] matmul; gathering W's rows per history item
@@ -321,6 +332,8 @@ class RecFusion(nnx.Module):
         rows, history].add(weights)
     if self.item_item_scale is not None:
       return (multi_hot @ self.item_item[...]) * self.item_item_scale[...]
+    if self.item_item_setting is not None:
+      return (multi_hot @ self.item_item[...]) * self.item_item_setting[...][0]
     count = jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1.0)
     return (multi_hot * jax.lax.rsqrt(count)) @ self.item_item[...]
 
