@@ -24,8 +24,8 @@ def model_config(vocab_size: int = 256, text_len: int = 16, image_size: int = 16
   m.item_content_scale = False  # residual: a learned per-item weight on content (warm items)
   m.item_content_scale_init = 1.0  # its starting value (1: the plain residual model)
   m.content_dropout = 0.0    # hide each (item, modality) of the catalogue term in training
-  m.item_item = "off"        # dot: a full-rank N x N history-to-item term: off | learned | ease
-  m.item_item_reg = 500.0    # ease: EASE's L2 strength (the runner's valid choice for EASE)
+  m.item_item = "off"        # dot: an N x N history-to-item term: off|learned|ease|ease_fixed
+  m.item_item_reg = 500.0    # ease*: EASE's L2 strength (the runner's valid choice for EASE)
   # A first-order Markov chain's term at scoring time: off | markov (models/recfusion.py); its
   # weight and decay are chosen on valid after training (benchmark/fit.py), over the latest
   # ``transition_window`` history items.

@@ -148,14 +148,14 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
   info["epochs"] = pipeline.epochs(trained.last_step, config.batch_size, fit_rows)
   # Chosen on valid (by the train-only fit when the final fit has no valid split), one term
   # after the other: each beside the ones already set.
-  chooser = (trained.model, fit) if len(fit.valid) else (
-      (selected.model, tune) if selected is not None else None)
   for key in score_terms(trained.model):
-    setting, log = choose_score_term(*chooser, key, history_len=config.model.user.history_len,
-                                     metric=metric, chunk=config.eval_block_size)
+    chooser, data = (trained.model, fit) if len(fit.valid) else (selected.model, tune)
+    setting, log = choose_score_term(chooser, data, key, metric=metric,
+                                     history_len=config.model.user.history_len,
+                                     chunk=config.eval_block_size)
     set_score_term(trained.model, key, setting)
-    if chooser[0] is not trained.model:   # the twin chooses the next term beside this one
-      set_score_term(chooser[0], key, setting)
+    if chooser is not trained.model:   # the twin chooses the next term beside this one
+      set_score_term(chooser, key, setting)
     names = ("weight", *SCORE_TERMS[key][1])
     info[key] = {**dict(zip(names, setting)), "valid_log": log}
   catalogue = _with_catalogue(fit, pdata.catalogue, text_len).catalogue
