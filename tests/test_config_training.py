@@ -17,7 +17,7 @@ import pytest
 
 import configs
 from configs import mmrec, movielens, pod, tiny
-from recfusion_jax import train
+from recfusion_jax import config_lib, train
 from recfusion_jax.data import sources, synthetic
 from tests import data_fixtures
 
@@ -88,8 +88,10 @@ def test_tiny_trains(tmp_path):
 def test_movielens_trains_on_its_build(movielens_data, tmp_path):
   config = _cpu_sized(movielens.get_config("size=small"))
   config.data.dir = movielens_data
+  config_lib.set_protocol(config, config.data.protocol)   # the recipe's fields, as main does
   trained = _train_two_steps(config, tmp_path)
   assert config.rec_loss == "full" and trained.dataset.catalogue.image.shape[1] == 64
+  assert trained.model.item_item_setting is not None   # warm_ratio's field: EASE's fixed term
 
 
 def test_mmrec_trains_on_mmrec_files(tmp_path):
