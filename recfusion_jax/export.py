@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from recfusion_jax import serving
+from recfusion_jax import score_terms, serving
 from recfusion_jax.data.types import RecDataset
 from recfusion_jax.models.recfusion import RecFusion
 from recfusion_jax.recommend import service
@@ -120,6 +120,9 @@ def export_for_serving(model: RecFusion, dataset: RecDataset, out_dir: str | epa
       "num_items": dataset.catalogue.num_items, "num_users": dataset.num_users,
       "content_inputs": {key: [str(v.dtype), list(v.shape[1:])] for key, v in example.items()},
       "text_vocab_size": text_vocab_size, "programs": list(programs),
+      # The fixed terms' settings the weights carry (score_terms.py): weight 0 if never chosen.
+      "score_terms": {key: np.asarray(getattr(model, f"{key}_setting")[...]).tolist()
+                      for key in score_terms.score_terms(model)},
   }
   # epath.Path, not str: save_arrays then writes through epath (local or gs://).
   # The parameters are device arrays, split over the mesh they were restored onto; writing a

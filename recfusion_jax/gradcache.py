@@ -152,7 +152,8 @@ def _user_tower(graphdef: nnx.GraphDef, rest: nnx.State, per_position: bool):
   """``encode_users`` as a tower whose state is the model's RNG streams."""
   def tower(params, rng, inputs):
     model = nnx.merge(graphdef, params, rng, rest, copy=True)  # fresh Variables, as above
-    users = model.encode_users(*(inputs[k] for k in USER_KEYS), per_position=per_position)
+    users = model.encode_users(*(inputs[k] for k in USER_KEYS), per_position=per_position,
+                               fixed_terms=False)   # weight 0 in training
     return users, nnx.state(model, nnx.RngState)
   return tower
 

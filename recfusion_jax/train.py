@@ -52,7 +52,7 @@ from jax.sharding import Mesh
 from clu import periodic_actions
 
 from recfusion_jax import (checkpointing, config_validation, gradcache, losses, model_eval,
-                           sharding, tiled_losses, writers)
+                           score_terms, sharding, tiled_losses, writers)
 from recfusion_jax.baselines import markov
 from recfusion_jax.data import examples, pipeline, sources
 from recfusion_jax.data.types import RecDataset
@@ -740,9 +740,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                        ) -> dict[str, Any]:
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates the result."""
   trained = train_model(config, workdir)
+  results: dict[str, Any] = {}
+  if score_terms.score_terms(trained.model):
+    # Fixed terms left at weight 0 by training: weighed on valid now, as the runner does, and
+    # saved for recommend and export (a model trained on train alone may choose on valid).
+    if len(trained.dataset.valid):
+      results["score_terms"] = score_terms.choose_all(trained.model, trained.dataset, config,
+                                                      mesh=trained.mesh)
+      score_terms.save(workdir, results["score_terms"])
+    else:
+      results["score_terms"] = {"skipped": f"{trained.dataset.name} has no valid split: the "
+                                f"terms {score_terms.score_terms(trained.model)} stay at weight 0"}
+      logging.warning("%s", results["score_terms"]["skipped"])
   # On the mesh, with every process (the model's parameters are split over all of them).
-  results = model_eval.evaluate_model(trained.model, trained.dataset, config, trained.mesh,
-                                      split=config.get("eval_split", "test"))
+  results.update(model_eval.evaluate_model(trained.model, trained.dataset, config, trained.mesh,
+                                      split=config.get("eval_split", "test")))
   results["train_history"] = trained.history
   if trained.valid_history:
     results["valid_history"] = trained.valid_history

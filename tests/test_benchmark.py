@@ -442,6 +442,7 @@ def test_score_terms_are_chosen_on_a_train_only_twin(tmp_path):
   """A fixed-length fit (no valid split in the final fit, no length selection) with both
   post-training terms: a train-only twin is trained, each term's grid is scored on valid, one
   term after the other, and the final model carries the chosen settings."""
+  from recfusion_jax import score_terms   # pylint: disable=import-outside-toplevel
   from recfusion_jax.benchmark import fit   # pylint: disable=import-outside-toplevel
   config = _tiny_suite_config()
   for key, value in {"model.scoring": "dot", "model.item_bias": True,
@@ -458,9 +459,12 @@ def test_score_terms_are_chosen_on_a_train_only_twin(tmp_path):
   _, model, _, info = fit.fit_content_model("RecFusion", pdata, config, tmp_path, quick=True)
   assert os.path.isdir(os.path.join(tmp_path, "select", "checkpoints"))
   assert [row["weight"] for row in info["item_item"]["valid_log"]] == list(
-      fit.ITEM_ITEM_WEIGHTS)
-  assert len(info["transition"]["valid_log"]) == (len(fit.TRANSITION_WEIGHTS)
-                                                  * len(fit.TRANSITION_DECAYS))
+      score_terms.ITEM_ITEM_WEIGHTS)
+  assert len(info["transition"]["valid_log"]) == (len(score_terms.TRANSITION_WEIGHTS)
+                                                  * len(score_terms.TRANSITION_DECAYS))
+  # Saved beside the final fit's checkpoints, for recommend and export.
+  with open(os.path.join(tmp_path, score_terms.FILE)) as f:
+    assert json.load(f) == {key: info[key] for key in ("item_item", "transition")}
   for key, names in (("item_item", ("weight",)), ("transition", ("weight", "decay"))):
     log = info[key]["valid_log"]
     best = max(row["NDCG@10"] for row in log)
@@ -468,85 +472,3 @@ def test_score_terms_are_chosen_on_a_train_only_twin(tmp_path):
     assert all(info[key][name] == chosen[name] for name in names)
     np.testing.assert_allclose(np.asarray(getattr(model, f"{key}_setting")[...]),
                                [chosen[name] for name in names])
-
-
-def _valid_split_model(config, users, items, last, num_items, num_users):
-  """(data, untrained model): the rows ``last`` are valid, the rest train, test is empty; the
-  model marks the items with a trained ID, as training does (the terms read only those)."""
-  from recfusion_jax import train   # pylint: disable=import-outside-toplevel
-  from recfusion_jax.data.synthetic import make_synthetic   # pylint: disable=import-outside-toplevel
-  data = make_synthetic(config.data.synthetic, num_items=num_items, num_users=num_users,
-                        min_interactions=4, max_interactions=8)
-  part = lambda keep: Interactions(users[keep], items[keep], np.arange(users.size)[keep],
-                                   np.ones(int(keep.sum()), np.float32))
-  data = dataclasses.replace(data, train=part(~last), valid=part(last), test=part(last & False),
-                             known=None)
-  model = train.create_model(config, data)
-  model.cache_has_id[...] = np.isin(np.arange(num_items), data.train.item)
-  return data, model
-
-
-def test_choose_score_term_takes_the_ease_weight_that_valid_scores_best():
-  """Items in blocks of 5 that users rate together: EASE's term names a user's unrated block
-  mates, an untrained model does not, so a positive weight wins on valid; the first best
-  grid point is chosen and the model's setting (weight 0) is left as it was."""
-  from recfusion_jax.benchmark import fit   # pylint: disable=import-outside-toplevel
-  from recfusion_jax.models import item_item   # pylint: disable=import-outside-toplevel
-  from tests.helpers import tiny_config   # pylint: disable=import-outside-toplevel
-
-  config = tiny_config(**{"model.scoring": "dot", "model.item_bias": True,
-                          "model.fusion": "residual", "model.user.kind": "pool",
-                          "model.user.use_id": False, "model.history_fusion": "sum",
-                          "model.item_id.dropout": 0.0, "model.item_item": "ease_fixed",
-                          "model.item_item_reg": 1.0})
-  num_items, num_users, block = 30, 24, 5
-  # User u rates the 5 items of block u % 6; one of them (item u // 6 of the block, so each
-  # block's users hold out different items) is held out for valid.
-  users = np.repeat(np.arange(num_users), block).astype(np.int32)
-  position = np.tile(np.arange(block), num_users)
-  items = ((users % (num_items // block)) * block + position).astype(np.int32)
-  last = position == users // (num_items // block)
-  data, model = _valid_split_model(config, users, items, last, num_items, num_users)
-  np.testing.assert_allclose(np.asarray(model.item_item[...]),
-                             item_item.ease_weights_of(data, 1.0))
-  (weight,), log = fit.choose_score_term(
-      model, data, "item_item", history_len=config.model.user.history_len, metric="NDCG@10")
-  scores = {row["weight"]: row["NDCG@10"] for row in log}
-  assert list(scores) == list(fit.ITEM_ITEM_WEIGHTS)
-  best = max(scores.values())
-  assert weight == next(w for w, score in scores.items() if score == best)
-  assert weight > 0 and best > scores[0.0] + 0.5
-  np.testing.assert_array_equal(np.asarray(model.item_item_setting[...]), [0.0])
-
-
-def test_choose_score_term_takes_the_transition_weight_that_valid_scores_best():
-  """A cyclic walk (item i followed by i + 1): the Markov term names each valid item, an
-  untrained model does not, so a positive weight wins on valid by far; the first best grid
-  point is chosen; the model's own setting is left as it was; the chain is the data's."""
-  from recfusion_jax.baselines import markov   # pylint: disable=import-outside-toplevel
-  from recfusion_jax.benchmark import fit   # pylint: disable=import-outside-toplevel
-  from recfusion_jax.data.examples import TrainExampleIndex   # pylint: disable=import-outside-toplevel
-  from tests.helpers import cyclic_walks, tiny_config   # pylint: disable=import-outside-toplevel
-
-  config = tiny_config(**{"model.scoring": "dot", "model.item_bias": True,
-                          "model.fusion": "residual", "model.user.kind": "pool",
-                          "model.user.use_id": False, "model.history_fusion": "sum",
-                          "model.item_id.dropout": 0.0, "model.transition": "markov"})
-  num_items, num_users, length = 30, 16, 8
-  users, items, last = cyclic_walks(num_users, num_items, length)
-  data, model = _valid_split_model(config, users, items, last, num_items, num_users)
-  np.testing.assert_allclose(
-      np.asarray(model.transition[...]),
-      markov.transition_probabilities(TrainExampleIndex.build(data), num_items))
-  (weight, decay), log = fit.choose_score_term(
-      model, data, "transition", history_len=config.model.user.history_len, metric="NDCG@10")
-  scores = {(row["weight"], row["decay"]): row["NDCG@10"] for row in log}
-  assert len(log) == len(fit.TRANSITION_WEIGHTS) * len(fit.TRANSITION_DECAYS)
-  best = max(scores.values())
-  assert (weight, decay) == next(point for point, score in scores.items() if score == best)
-  assert weight > 0 and best > scores[0.0, 0.5] + 0.5
-  np.testing.assert_array_equal(np.asarray(model.transition_setting[...]), [0.0, 0.5])
-  with pytest.raises(ValueError, match="valid split"):
-    fit.choose_score_term(model, dataclasses.replace(data, valid=data.test),
-                          "transition", history_len=config.model.user.history_len,
-                          metric="NDCG@10")

@@ -117,8 +117,13 @@ def test_recommender_scores_equal_training_logits(variant):
     model.item_item[...] = jax.random.normal(jax.random.key(1), (NUM_ITEMS, NUM_ITEMS))
   if model.item_item_scale is not None:
     model.item_item_scale[...] = 3.0
-  if model.item_item_setting is not None:
-    model.item_item_setting[...] = jnp.array([1.7])
+  # ease_fixed's term is weighed after training: the training forward leaves it out whatever
+  # its weight (1.7 there), so its logits are the eval scores at weight 0.
+  def set_fixed_weight(weight):
+    if model.item_item_setting is not None:
+      model.item_item_setting[...] = jnp.array([weight])
+
+  set_fixed_weight(0.0)
   if model.item_content_scale is not None:
     model.item_content_scale[...] = jnp.linspace(-0.5, 2.0, NUM_ITEMS)
   batch = random_batch(config, B, NUM_USERS, NUM_ITEMS, presence=_presence_with_gaps())
@@ -146,6 +151,7 @@ def test_recommender_scores_equal_training_logits(variant):
   scores = np.asarray(rec.score_fn()(users, table))[:, ids]
 
   model.eval()
+  set_fixed_weight(1.7)
   logits = np.asarray(model(batch)["logits"]) / float(model.inverse_temperature)
   np.testing.assert_allclose(scores, logits, rtol=1e-5, atol=1e-6)
 
@@ -155,11 +161,13 @@ def test_recommender_scores_equal_training_logits(variant):
   model.write_cache(jnp.arange(NUM_ITEMS), emb, presence, jnp.ones(NUM_ITEMS, bool),
                     jnp.asarray(cat.has_id))
   batch["item_has_id"] = cat.has_id[ids]
+  set_fixed_weight(0.0)
   rec = Recommender(model, chunk=16)
   table = rec.item_table(cat)
   # Re-encode: with history_fusion="sum" a history item's ID counts only if it was trained.
   users = rec.encode_users({k: batch[k] for k in ("user_id", "user_has_id", "history",
                                                   "history_mask")})
+  set_fixed_weight(1.7)
   out = model(batch, full_catalogue=True)
   np.testing.assert_allclose(np.asarray(rec.score_fn()(users, table)),
                              np.asarray(out["catalogue_logits"]) / float(
@@ -741,9 +749,15 @@ def test_transition_term_weighs_the_latest_items_rows_of_p():
   encode = lambda **kw: {k: np.asarray(v) for k, v in model.encode_users(
       *(jnp.asarray(batch[k]) for k in user_keys), **kw).items()}
   np.testing.assert_array_equal(encode()["transition"], 0.0)   # weight 0 until chosen
-  base = np.asarray(model(batch)["logits"])
+  # The eval path's scores against the batch's items (the training forward leaves the term
+  # out whatever its weight: its logits stay put).
+  table = model(batch)["in_batch_table"]
+  scores = lambda: np.asarray(model.score(model.encode_users(
+      *(jnp.asarray(batch[k]) for k in user_keys)), table))
+  base, train_logits = scores(), np.asarray(model(batch)["logits"])
   model.transition_setting[...] = jnp.array([1.5, 0.5])
-  logits = np.asarray(model(batch)["logits"])
+  logits = scores()
+  np.testing.assert_array_equal(np.asarray(model(batch)["logits"]), train_logits)
 
   want_user = np.zeros((B, NUM_ITEMS))
   for u in range(B):

@@ -9,12 +9,11 @@ import json
 import os
 from typing import Any, Collection, Mapping, Sequence
 
-import jax
 import ml_collections
 import numpy as np
 from etils import epath
 
-from recfusion_jax import config_lib, evaluate, model_eval, train
+from recfusion_jax import config_lib, evaluate, model_eval, score_terms, train
 from recfusion_jax.baselines import chance
 from recfusion_jax.baselines.common import Ranker, rank_split, sampled_split, tune_and_fit
 from recfusion_jax.benchmark import registry
@@ -137,7 +136,7 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
     config.validation.every = 0
     info.update(_selection_info(selected, metric), refit_steps=config.num_steps,
                 num_steps=config.num_steps)
-  elif needs_score_terms(config) and len(fit.valid) == 0:
+  elif score_terms.needs_score_terms(config) and len(fit.valid) == 0:
     # A fixed-length fit still needs a train-only twin: the score terms' weights are chosen on
     # valid, by a model that never saw the valid items.
     tune = _with_catalogue(pdata.tune, pdata.tune.catalogue, text_len)
@@ -146,97 +145,18 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
   if trained.best is not None:
     info.update(_selection_info(trained, metric))
   info["epochs"] = pipeline.epochs(trained.last_step, config.batch_size, fit_rows)
-  # Chosen on valid (by the train-only fit when the final fit has no valid split), one term
-  # after the other: each beside the ones already set.
-  for key in score_terms(trained.model):
-    chooser, data = (trained.model, fit) if len(fit.valid) else (selected.model, tune)
-    setting, log = choose_score_term(chooser, data, key, metric=metric,
-                                     history_len=config.model.user.history_len,
-                                     chunk=config.eval_block_size)
-    set_score_term(trained.model, key, setting)
-    if chooser is not trained.model:   # the twin chooses the next term beside this one
-      set_score_term(chooser, key, setting)
-    names = ("weight", *SCORE_TERMS[key][1])
-    info[key] = {**dict(zip(names, setting)), "valid_log": log}
+  # Chosen on valid (by the train-only fit when the final fit has no valid split), and saved
+  # beside the checkpoints for recommend and export.
+  if score_terms.score_terms(trained.model):
+    chooser, data = (None, fit) if len(fit.valid) else (selected.model, tune)
+    chosen = score_terms.choose_all(trained.model, data, config, chooser=chooser)
+    score_terms.save(run_dir, chosen)
+    info.update(chosen)
   catalogue = _with_catalogue(fit, pdata.catalogue, text_len).catalogue
   ranker = model_eval.model_ranker(trained.model, fit, catalogue,
                                    history_len=config.model.user.history_len,
                                    chunk=config.eval_block_size)
   return ranker, trained.model, catalogue, info
-
-
-# Terms of RecFusion's score that training leaves at weight 0 and the runner weighs after it,
-# on valid: {the users' key: (weights, the setting's other entries' names, their values to try)}.
-# Weights are in the trained model's logit units, whose scale a fit sets: hence grids over 1.5-2
-# decades. The transition's scores are probabilities (<= 1 an item), EASE's a regression onto
-# 0/1 (docs/TUNING.md §27, §28). EASE's grid reaches 32 because the weaker ablations' valid
-# score still rose at 8 (§29).
-TRANSITION_WEIGHTS = (0.0, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
-TRANSITION_DECAYS = (0.5, 0.7)
-ITEM_ITEM_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-SCORE_TERMS: dict[str, tuple[tuple[float, ...], tuple[str, ...], tuple[tuple[float, ...], ...]]] = {
-    "item_item": (ITEM_ITEM_WEIGHTS, (), ((),)),
-    "transition": (TRANSITION_WEIGHTS, ("decay",), tuple((d,) for d in TRANSITION_DECAYS)),
-}
-
-
-def needs_score_terms(config: ml_collections.ConfigDict) -> bool:
-  """Whether ``config``'s model has a term whose weight is chosen on valid after training."""
-  return (config.model.get("transition", "off") != "off"
-          or config.model.get("item_item", "off") == "ease_fixed")
-
-
-def score_terms(model: Any) -> list[str]:
-  """The keys of ``SCORE_TERMS`` that ``model`` carries (a ``{key}_setting`` variable)."""
-  return [key for key in SCORE_TERMS if getattr(model, f"{key}_setting", None) is not None]
-
-
-def set_score_term(model: Any, key: str, setting: Sequence[float]) -> None:
-  """Sets ``model.{key}_setting`` (weight, then the other entries), placed as it lies."""
-  variable = getattr(model, f"{key}_setting")
-  variable[...] = jax.device_put(np.asarray(setting, np.float32), variable[...].sharding)
-
-
-def choose_score_term(model: Any, dataset: RecDataset, key: str, *, history_len: int,
-                      metric: str, chunk: int = 256,
-                      weights: Sequence[float] | None = None,
-                      others: Sequence[Sequence[float]] | None = None
-                      ) -> tuple[tuple[float, ...], list[dict[str, float]]]:
-  """(setting, log): the grid point of ``model``'s ``key`` term (``SCORE_TERMS``) that scores
-  best on ``dataset.valid`` (ties: the first, so the smallest weight), and every point's
-  score. The term is linear in its weight, so each value of the other entries encodes users
-  once, at weight 1, and scales. The model's setting is left as it was."""
-  if len(dataset.valid) == 0:
-    raise ValueError(f"{dataset.name}: choosing the {key} weight needs a valid split")
-  default_weights, names, default_others = SCORE_TERMS[key]
-  weights = default_weights if weights is None else weights
-  others = default_others if others is None else others
-  saved = np.asarray(getattr(model, f"{key}_setting")[...])
-  log, best = [], None
-  try:
-    for rest in others:
-      set_score_term(model, key, (1.0, *rest))
-      ranker = model_eval.model_ranker(model, dataset, history_len=history_len, chunk=chunk)
-      cache: dict[str, Any] = {}
-
-      def reps(users, weight, ranker=ranker, cache=cache):
-        users_key = np.asarray(users).tobytes()
-        if users_key not in cache:
-          cache.clear()
-          cache[users_key] = ranker.user_reps(users)
-        return {**cache[users_key], key: cache[users_key][key] * weight}
-
-      for weight in weights:
-        scaled = Ranker(user_reps=functools.partial(reps, weight=weight),
-                        item_table=ranker.item_table, score_fn=ranker.score_fn)
-        score = float(rank_split(scaled, dataset, dataset.valid)[metric])
-        point = (float(weight), *map(float, rest))
-        log.append({**dict(zip(("weight", *names), point)), metric: score})
-        if best is None or score > best[0]:
-          best = (score, point)
-  finally:
-    set_score_term(model, key, saved)
-  return best[1], log
 
 
 def _rows_per_epoch(config: ml_collections.ConfigDict, dataset: RecDataset) -> int:

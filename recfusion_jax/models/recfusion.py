@@ -31,7 +31,7 @@ the closed-form EASE, which is exactly such a W, leads every low-rank model (doc
            factors, the content and the gate then learn what the linear item-item model misses
            (a hybrid in the manner of EASE with side information).
   ease_fixed  the same W, not trained and not in training: its weight ``item_item_setting`` is
-           0 in training and chosen on valid after it (``benchmark.fit.choose_score_term``),
+           0 in training and chosen on valid after it (``score_terms.choose_score_term``),
            so the trained model is unchanged and the term is a blend at scoring time. Trained
            jointly (``ease``) the softmax overfits what it adds to W (docs/TUNING.md §9); set
            beside the finished model it adds what the factors miss (§28).
@@ -44,7 +44,7 @@ it has no per-position (causal) form.
 training timelines that go to i (``baselines.markov``, filled by ``train.fill_transition_prior``),
 and score(u, i) += weight * sum_k decay^(k-1) P[h_k(u), i] over the user's latest
 ``transition_window`` items. It is not trained: ``transition_setting`` = (weight, decay) is 0 in
-training and chosen on valid after it (``benchmark.fit.choose_score_term``), a product of the
+training and chosen on valid after it (``score_terms.choose_score_term``), a product of the
 trained model and the chain at scoring time. On MovieLens loo the chain holds the sequential
 signal of the last transition that SASRec reads and the pooled user misses (docs/TUNING.md §27).
 """
@@ -289,20 +289,25 @@ class RecFusion(nnx.Module):
     return jnp.sum(weights[..., None] * hist_table["emb"], axis=-2)
 
   def encode_users(self, user_id: jax.Array, user_has_id: jax.Array, history: jax.Array,
-                   history_mask: jax.Array, per_position: bool = False) -> dict[str, jax.Array]:
-    """User vectors [B, d] ([B, L, d] with ``per_position``) and their gate queries."""
+                   history_mask: jax.Array, per_position: bool = False,
+                   fixed_terms: bool = True) -> dict[str, jax.Array]:
+    """User vectors [B, d] ([B, L, d] with ``per_position``) and their gate queries.
+
+    ``fixed_terms=False`` leaves out the terms weighed after training (``ease_fixed``'s
+    item-item term, the transition term): training passes it, since their weight is 0 there
+    and each costs a [B, N] x [N, N] matmul a step. Per-position rows (training only) never
+    carry them."""
     id_emb = self.user_encoder.id_embedding(user_id, user_has_id)
     hist_vectors = self.history_vectors(id_emb, history, history_mask)
     user = self.user_encoder(id_emb, hist_vectors, history_mask, per_position=per_position)
     users = {"emb": user, "query": self.fusion.user_query(user)}
-    if self.item_item is not None and not (per_position and self.item_item_setting is not None):
-      # ease_fixed's weight is 0 wherever per-position rows exist (training): nothing left out.
+    fixed_terms = fixed_terms and not per_position
+    if self.item_item is not None and (self.item_item_setting is None or fixed_terms):
       if per_position:
         raise ValueError("model.item_item scores from a whole history: no per-position form "
                          "(switch it off for causal next-item rows)")
       users["item_item"] = self.item_item_scores(history, history_mask)
-    if self.transition is not None and not per_position:
-      # Per-position rows exist in training only, where the weight is 0: nothing is left out.
+    if self.transition is not None and fixed_terms:
       users["transition"] = self.transition_scores(history, history_mask)
     return users
 
@@ -413,7 +418,8 @@ class RecFusion(nnx.Module):
     per_position = per_user and self.user_encoder.causal
     if users is None:
       users = self.encode_users(batch["user_id"], batch["user_has_id"], batch["history"],
-                                batch["history_mask"], per_position=per_position)
+                                batch["history_mask"], per_position=per_position,
+                                fixed_terms=False)
     last = ({k: v[:, -1] if v is not None else None for k, v in users.items()}
             if per_position else users)
     has_id = batch["item_has_id"]

@@ -68,16 +68,20 @@ def load_workdir(config: Any, workdir: str | os.PathLike, step: int | None = Non
                  ) -> tuple[Any, RecDataset, int, dict[str, Any]]:
   """(model restored read-only onto the config's mesh, its data set, step, context)."""
   from recfusion_jax.data import sources  # pylint: disable=import-outside-toplevel
+  from recfusion_jax import score_terms  # pylint: disable=import-outside-toplevel
   from recfusion_jax.recommend import restore  # pylint: disable=import-outside-toplevel
   from recfusion_jax.recommend.inference import content_inputs  # pylint: disable=import-outside-toplevel
   dataset = sources.load_dataset(config)
   model, step = restore.restore_model(config, workdir, dataset, step=step)
+  # The fixed score terms' weights, chosen on valid after training (score_terms.FILE).
+  terms = score_terms.apply_saved(model, workdir)
   tokenizer, vocab = _text_context(config)
   context = {"item_names": item_names_for(config), "tokenizer": tokenizer,
              "text_vocab_size": vocab,
              "content_spec": new_item_lib.content_spec(
                  content_inputs(dataset.catalogue, np.arange(1))),
-             "source": {"workdir": str(workdir), "step": step, "data": dataset.name}}
+             "source": {"workdir": str(workdir), "step": step, "data": dataset.name,
+                        **({"score_terms": terms} if terms else {})}}
   return model, dataset, step, context
 
 
