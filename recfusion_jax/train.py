@@ -146,16 +146,18 @@ def fill_item_item_prior(model: RecFusion, dataset: RecDataset,
       or isinstance(model.item_item[...], jax.core.Tracer)):
     return
   reg = float(config.model.item_item_reg)
-  if model.item_item_mode == "ease_fixed":   # weighted after training: no starting scale
-    filled = [(model.item_item, item_item.ease_weights_of(dataset, reg))]
-  else:
-    weights, scale = item_item.ease_prior(dataset, reg)
-    filled = [(model.item_item, weights), (model.item_item_scale, scale)]
-  logging.info("item-item prior: EASE (reg %g) on %d training pairs%s", reg,
-               len(dataset.train.user),
-               f", starting scale {filled[1][1]:g}" if len(filled) > 1 else "")
-  for variable, value in filled:
+
+  def put(variable, value):
     variable[...] = sharding.put_global(np.asarray(value, np.float32), variable[...].sharding)
+
+  logging.info("item-item prior: EASE (reg %g) on %d training pairs", reg, len(dataset.train.user))
+  if model.item_item_mode == "ease_fixed":   # weighted after training: no starting scale
+    put(model.item_item, item_item.ease_weights_of(dataset, reg))
+    return
+  weights, scale = item_item.ease_prior(dataset, reg)
+  logging.info("item-item prior: starting scale %g", scale)
+  put(model.item_item, weights)
+  put(model.item_item_scale, scale)
 
 
 def fill_transition_prior(model: RecFusion, dataset: RecDataset) -> None:

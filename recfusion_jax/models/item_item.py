@@ -40,14 +40,17 @@ def softmax_scale(x: np.ndarray, weights: np.ndarray, grid: tuple[float, ...] = 
   return best
 
 
+def _ease_of(dataset: RecDataset, reg: float) -> tuple[np.ndarray, np.ndarray]:
+  x = binary_matrix(dataset.train, dataset.num_users, dataset.catalogue.num_items)
+  return x, ease_weights(x, reg)
+
+
 def ease_weights_of(dataset: RecDataset, reg: float) -> np.ndarray:
   """W [N, N]: EASE's weights on ``dataset.train``."""
-  return ease_weights(binary_matrix(dataset.train, dataset.num_users,
-                                    dataset.catalogue.num_items), reg)
+  return _ease_of(dataset, reg)[1]
 
 
 def ease_prior(dataset: RecDataset, reg: float) -> tuple[np.ndarray, float]:
   """(W [N, N], initial scale) from ``dataset.train``: EASE's weights and ``softmax_scale``."""
-  x = binary_matrix(dataset.train, dataset.num_users, dataset.catalogue.num_items)
-  weights = ease_weights(x, reg)
+  x, weights = _ease_of(dataset, reg)
   return weights, softmax_scale(x, weights)
