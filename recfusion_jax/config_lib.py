@@ -123,8 +123,10 @@ def apply_recipe(config: ml_collections.ConfigDict, name: str) -> None:
       # (ID only) and 0.170 against 0.163 (RecFusion).
       # A Markov chain's term at scoring time, weight and decay chosen on valid: ID-only valid
       # NDCG@10 0.1045 against 0.1002 (seed 0), test HR@10 +0.03 on three seeds (§27).
+      # EASE's closed form too, weighted on valid after training as on warm items (§28, §30).
       "loo": {"data": {"example": "next", "next_positions": 32}, "num_steps": 300,
               "model": {"history_fusion": "id", "transition": "markov",
+                        "item_item": "ease_fixed",
                         "user": {"causal": True, "recent": 8, "history_len": 200}}},
       # Items never trained on: the softmax kept the encoder's ranking (valid NDCG@10 0.226
       # against 0.192 at best for the squared loss; test 0.205 against 0.130, §12-§13), with
