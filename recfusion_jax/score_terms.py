@@ -47,6 +47,11 @@ def needs_score_terms(config: ml_collections.ConfigDict) -> bool:
           or config.model.get("item_item", "off") == "ease_fixed")
 
 
+def setting_names(key: str) -> tuple[str, ...]:
+  """The names of term ``key``'s setting entries, in order: the weight, then the others."""
+  return ("weight", *SCORE_TERMS[key][1])
+
+
 def score_terms(model: Any) -> list[str]:
   """The keys of ``SCORE_TERMS`` that ``model`` carries (a ``{key}_setting`` variable)."""
   return [key for key in SCORE_TERMS if getattr(model, f"{key}_setting", None) is not None]
@@ -120,9 +125,9 @@ def choose_all(model: Any, dataset: RecDataset, config: ml_collections.ConfigDic
     set_score_term(model, key, setting)
     if chooser is not model:   # the twin chooses the next term beside this one
       set_score_term(chooser, key, setting)
-    names = ("weight", *SCORE_TERMS[key][1])
-    info[key] = {**dict(zip(names, setting)), "metric": metric, "valid_log": log}
-    logging.info("score term %s: %s chosen on %s valid %s", key, dict(zip(names, setting)),
+    named = dict(zip(setting_names(key), setting))
+    info[key] = {**named, "metric": metric, "valid_log": log}
+    logging.info("score term %s: %s chosen on %s valid %s", key, named,
                  dataset.name, metric)
   return info
 
@@ -152,7 +157,6 @@ def apply_saved(model: Any, workdir: str | epath.Path) -> dict[str, tuple[float,
     raise ValueError(f"{path} sets {sorted(info)}, the model carries {terms}: no {missing}")
   applied = {}
   for key in terms:
-    names = ("weight", *SCORE_TERMS[key][1])
-    applied[key] = tuple(float(info[key][name]) for name in names)
+    applied[key] = tuple(float(info[key][name]) for name in setting_names(key))
     set_score_term(model, key, applied[key])
   return applied

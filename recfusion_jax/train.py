@@ -743,7 +743,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   """Trains ``config`` in ``workdir`` (resuming from its checkpoints) and evaluates the result."""
   trained = train_model(config, workdir)
   results: dict[str, Any] = {}
-  if score_terms.score_terms(trained.model):
+  terms = score_terms.score_terms(trained.model)
+  if terms:
     # Fixed terms left at weight 0 by training: weighed on valid now, as the runner does, and
     # saved for recommend and export (a model trained on train alone may choose on valid).
     if len(trained.dataset.valid):
@@ -752,7 +753,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       score_terms.save(workdir, results["score_terms"])
     else:
       results["score_terms"] = {"skipped": f"{trained.dataset.name} has no valid split: the "
-                                f"terms {score_terms.score_terms(trained.model)} stay at weight 0"}
+                                f"terms {terms} stay at weight 0"}
       logging.warning("%s", results["score_terms"]["skipped"])
   # On the mesh, with every process (the model's parameters are split over all of them).
   results.update(model_eval.evaluate_model(trained.model, trained.dataset, config, trained.mesh,

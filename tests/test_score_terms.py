@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from recfusion_jax import score_terms, train
+from recfusion_jax import export, score_terms, train
 from recfusion_jax.data.types import Interactions
 
 
@@ -119,12 +119,25 @@ def test_train_and_evaluate_chooses_the_terms_on_valid_and_restore_applies_them(
   with open(workdir / "results.json") as f:
     assert json.load(f)["score_terms"] == chosen
 
-  model, _, _, context = recommend_cli.load_workdir(config, workdir)
+  model, trained_data, _, context = recommend_cli.load_workdir(config, workdir)
   expected = {"item_item": (chosen["item_item"]["weight"],),
               "transition": (chosen["transition"]["weight"], chosen["transition"]["decay"])}
   assert context["source"]["score_terms"] == expected
   for key, setting in expected.items():
     np.testing.assert_allclose(np.asarray(getattr(model, f"{key}_setting")[...]), setting)
+  # The text output names them too, and an export carries them into its manifest and answers.
+  named = (f"score terms chosen on valid: item_item weight {expected['item_item'][0]:g}, "
+           f"transition weight {expected['transition'][0]:g} "
+           f"decay {expected['transition'][1]:g}")
+  text = recommend_cli.format_text({"source": context["source"], "sources": ["id"]})
+  assert text.splitlines()[1] == named
+  export.export_for_serving(model, trained_data, tmp_path / "export",
+                            history_len=config.model.user.history_len, k=5)
+  _, export_context = recommend_cli.from_export(str(tmp_path / "export"))
+  np.testing.assert_allclose(export_context["source"]["score_terms"]["item_item"],
+                             expected["item_item"])
+  np.testing.assert_allclose(export_context["source"]["score_terms"]["transition"],
+                             expected["transition"])
 
   os.remove(workdir / score_terms.FILE)
   with caplog.at_level(logging.WARNING):

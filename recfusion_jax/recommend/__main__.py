@@ -109,7 +109,9 @@ def from_export(export_dir: str) -> tuple[serving.Recommendations, dict[str, Any
              "content_spec": {key: (dtype, tuple(shape))
                               for key, (dtype, shape) in manifest["content_inputs"].items()},
              "source": {"export_dir": str(export_dir), "step": manifest.get("checkpoint_step"),
-                        "data": manifest.get("data")}}
+                        "data": manifest.get("data"),
+                        **({"score_terms": manifest["score_terms"]}
+                           if manifest.get("score_terms") else {})}}
   return rec, context
 
 
@@ -168,12 +170,22 @@ def _why_text(why: Mapping[str, float]) -> str:
   return " ".join(f"{name} {w:.2f}" for name, w in why.items())
 
 
+def _terms_text(terms: Mapping[str, Sequence[float]]) -> str:
+  from recfusion_jax import score_terms  # pylint: disable=import-outside-toplevel
+  return ", ".join(f"{key} " + " ".join(f"{name} {value:g}" for name, value in
+                                        zip(score_terms.setting_names(key), setting))
+                   for key, setting in terms.items())
+
+
 def format_text(result: Mapping[str, Any]) -> str:
   """The human-readable form of ``run``'s result."""
   src = result["source"]
   where = src.get("workdir") or src.get("export_dir")
   lines = [f"model: {where} (step {src.get('step')}, data {src.get('data')}); "
            f"'why' = the gate's weights over {', '.join(result['sources'])}"]
+  if src.get("score_terms"):
+    # The fixed terms add to every score; the gate's 'why' covers the trained part.
+    lines.append(f"score terms chosen on valid: {_terms_text(src['score_terms'])}")
 
   def items_block(recs):
     width = max((len(r["name"]) for r in recs), default=0)
