@@ -81,6 +81,17 @@ def _prefixes(value: Any) -> str | None:
   return f"must be a non-empty tuple of parameter path prefixes such as ('encoder/',), not {value!r}"
 
 
+def _grid(minimum: float) -> Callable[[Any], str | None]:
+  """A non-empty tuple of distinct finite numbers >= ``minimum``, in increasing order."""
+  number = _number(minimum)
+  def check(value):
+    if (not isinstance(value, (tuple, list)) or not value or any(number(v) for v in value)
+        or list(value) != sorted(set(value))):
+      return f"must be a non-empty increasing tuple of finite numbers >= {minimum}, got {value!r}"
+    return None
+  return check
+
+
 def _anything(value: Any) -> None:
   del value
   return None
@@ -138,6 +149,10 @@ SCHEMA: dict[str, Any] = {
     "validation": {"every": _int(0), "patience": _int(0),
                    "metric": _choice("NDCG@10", "HR@10", "Recall@10", "MRR@10")},
     "nonfinite": _choice(*NONFINITE_MODES),
+    # Grids of the score terms weighed after training, each entry overriding
+    # score_terms.SCORE_TERMS's (say one reg where refilling EASE's matrix is costly).
+    "score_term_grid": {"item_item": {"weight": _grid(0.0), "reg": _grid(0.0)},
+                        "transition": {"weight": _grid(0.0), "decay": _grid(0.0)}},
     "init_from": _anything,
     "recipe": _choice("paper", "dot"),
     # {protocol: fields} of the recipe (config_lib.set_protocol), checked in validate().

@@ -93,12 +93,17 @@ def export_for_serving(model: RecFusion, dataset: RecDataset, out_dir: str | epa
                        history_len: int, k: int = 10, platforms: Sequence[str] = ("cpu",),
                        step: int | None = None, item_names: Sequence[str] | None = None,
                        tokenizer: Mapping[str, Any] | None = None,
-                       text_vocab_size: int | None = None, chunk: int = 256) -> dict[str, Any]:
+                       text_vocab_size: int | None = None, chunk: int = 256,
+                       chosen_terms: Mapping[str, Sequence[float]] | None = None
+                       ) -> dict[str, Any]:
   """Writes the serving directory of ``model`` for ``dataset`` (its catalogue, its users).
 
   The model's item cache is refreshed first (eval-mode encodings of the catalogue).
   ``tokenizer`` ({'file': tokenizer.json, 'build_len': int}) is copied in so a served model
-  can tokenise new items' text as the data build did. Returns the manifest.
+  can tokenise new items' text as the data build did. ``chosen_terms``: the fixed score terms'
+  settings ``score_terms.apply_saved`` set, recorded in the manifest (default: what the
+  model's setting variables hold, without EASE's reg, which only the exported matrix carries).
+  Returns the manifest.
   """
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
@@ -121,8 +126,10 @@ def export_for_serving(model: RecFusion, dataset: RecDataset, out_dir: str | epa
       "content_inputs": {key: [str(v.dtype), list(v.shape[1:])] for key, v in example.items()},
       "text_vocab_size": text_vocab_size, "programs": list(programs),
       # The fixed terms' settings the weights carry (score_terms.py): weight 0 if never chosen.
-      "score_terms": {key: np.asarray(getattr(model, f"{key}_setting")[...]).tolist()
-                      for key in score_terms.score_terms(model)},
+      "score_terms": ({key: list(setting) for key, setting in chosen_terms.items()}
+                      if chosen_terms is not None else
+                      {key: np.asarray(getattr(model, f"{key}_setting")[...]).tolist()
+                       for key in score_terms.score_terms(model)}),
   }
   # epath.Path, not str: save_arrays then writes through epath (local or gs://).
   # The parameters are device arrays, split over the mesh they were restored onto; writing a
@@ -169,7 +176,8 @@ def main(argv: Sequence[str]) -> None:
   manifest = export_for_serving(
       model, dataset, values.out, history_len=config.model.user.history_len,
       k=values.k, platforms=values.platforms, step=step, item_names=context["item_names"],
-      tokenizer=context["tokenizer"], text_vocab_size=context["text_vocab_size"])
+      tokenizer=context["tokenizer"], text_vocab_size=context["text_vocab_size"],
+      chosen_terms=context["source"].get("score_terms"))
   size = sum(p.stat().length for p in epath.Path(values.out).glob("programs/*.bin"))
   print(f"exported step {step} of {values.workdir} to {values.out}: programs "
         f"{manifest['programs']} for {manifest['platforms']} ({size / 1e6:.2f} MB), "

@@ -152,7 +152,7 @@ def fill_item_item_prior(model: RecFusion, dataset: RecDataset,
 
   logging.info("item-item prior: EASE (reg %g) on %d training pairs", reg, len(dataset.train.user))
   if model.item_item_mode == "ease_fixed":   # weighted after training: no starting scale
-    put(model.item_item, item_item.ease_weights_of(dataset, reg))
+    score_terms.fill_ease_matrix(model, dataset, reg)
     return
   weights, scale = item_item.ease_prior(dataset, reg)
   logging.info("item-item prior: starting scale %g", scale)

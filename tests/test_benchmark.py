@@ -210,6 +210,23 @@ def test_merged_wall_time_counts_overlapping_runs_once():
   assert wall_s == pytest.approx(25.0) and "1 of 4 runs carry no start and end times" in note
 
 
+def test_results_page_lists_the_score_terms_each_seed_chose():
+  """RESULTS.md's line of chosen score terms: per model and seed, in setting order, for the
+  protocol's own runs only; a run that reuses another model's fit is not listed twice."""
+  info = {"item_item": {"weight": 0.1, "reg": 200.0, "metric": "NDCG@10", "valid_log": []},
+          "transition": {"weight": 0.4, "decay": 0.7, "metric": "NDCG@10", "valid_log": []}}
+  records = [{"protocol": "loo", "model": "RecFusion", "seed": 1, "info": info},
+             {"protocol": "loo", "model": "RecFusion", "seed": 0,
+              "info": {"item_item": {"weight": 0.0, "reg": 100.0}}},
+             {"protocol": "loo", "model": "RecFusion-x", "seed": 0,
+              "info": {**info, "same_as": "RecFusion"}},
+             {"protocol": "loo", "model": "ease", "seed": 0, "info": {}},
+             {"protocol": "warm_ratio", "model": "RecFusion", "seed": 0, "info": info}]
+  assert report._chosen_terms(records, "loo") == [
+      "- RecFusion: seed 0 item_item weight 0 reg 100; seed 1 item_item weight 0.1 reg 200, "
+      "transition weight 0.4 decay 0.7"]
+
+
 def test_paired_differences_match_a_hand_computed_t_interval():
   """Each model minus RecFusion per seed (only seeds both ran), the t interval from tabulated
   critical values; retrieval against chance, 10 / candidates; one seed gives no interval."""
@@ -440,15 +457,20 @@ def test_content_fit_length_is_chosen_on_valid_then_refit(tmp_path):
 
 def test_score_terms_are_chosen_on_a_train_only_twin(tmp_path):
   """A fixed-length fit (no valid split in the final fit, no length selection) with both
-  post-training terms: a train-only twin is trained, each term's grid is scored on valid, one
-  term after the other, and the final model carries the chosen settings."""
+  post-training terms: a train-only twin is trained, the terms' joint grid is scored on valid
+  (each term's log: the slice through the choice), and the final model carries the chosen
+  settings, its EASE matrix refilled from its own data at the chosen reg."""
   from recfusion_jax import score_terms   # pylint: disable=import-outside-toplevel
   from recfusion_jax.benchmark import fit   # pylint: disable=import-outside-toplevel
   config = _tiny_suite_config()
   for key, value in {"model.scoring": "dot", "model.item_bias": True,
                      "model.fusion": "residual", "model.history_fusion": "sum",
                      "model.item_id.dropout": 0.0, "model.item_item": "ease_fixed",
-                     "model.transition": "markov"}.items():
+                     "model.transition": "markov",
+                     # A small grid: the path is under test, not the grid.
+                     "score_term_grid": {"item_item": {"weight": (0.0, 1.0, 8.0),
+                                                       "reg": (100.0, 2000.0)},
+                                         "transition": {"weight": (0.0, 0.4)}}}.items():
     node, *path = config, *key.split(".")
     for name in path[:-1]:
       node = node[name]
@@ -458,17 +480,21 @@ def test_score_terms_are_chosen_on_a_train_only_twin(tmp_path):
   assert len(pdata.fit.valid) == 0
   _, model, _, info = fit.fit_content_model("RecFusion", pdata, config, tmp_path, quick=True)
   assert os.path.isdir(os.path.join(tmp_path, "select", "checkpoints"))
-  assert [row["weight"] for row in info["item_item"]["valid_log"]] == list(
-      score_terms.ITEM_ITEM_WEIGHTS)
-  assert len(info["transition"]["valid_log"]) == (len(score_terms.TRANSITION_WEIGHTS)
-                                                  * len(score_terms.TRANSITION_DECAYS))
+  assert [(row["weight"], row["reg"]) for row in info["item_item"]["valid_log"]] == [
+      (w, r) for w in (0.0, 1.0, 8.0) for r in (100.0, 2000.0)]
+  assert [(row["weight"], row["decay"]) for row in info["transition"]["valid_log"]] == [
+      (w, d) for w in (0.0, 0.4) for d in score_terms.TRANSITION_DECAYS]
   # Saved beside the final fit's checkpoints, for recommend and export.
   with open(os.path.join(tmp_path, score_terms.FILE)) as f:
     assert json.load(f) == {key: info[key] for key in ("item_item", "transition")}
-  for key, names in (("item_item", ("weight",)), ("transition", ("weight", "decay"))):
+  for key, names in (("item_item", ("weight", "reg")), ("transition", ("weight", "decay"))):
     log = info[key]["valid_log"]
     best = max(row["NDCG@10"] for row in log)
     chosen = next(row for row in log if row["NDCG@10"] == best)
     assert all(info[key][name] == chosen[name] for name in names)
     np.testing.assert_allclose(np.asarray(getattr(model, f"{key}_setting")[...]),
-                               [chosen[name] for name in names])
+                               [chosen[name] for name in names if name != "reg"])
+  from recfusion_jax.models import item_item   # pylint: disable=import-outside-toplevel
+  np.testing.assert_allclose(np.asarray(model.item_item[...]),
+                             item_item.ease_weights_of(pdata.fit, info["item_item"]["reg"]),
+                             rtol=1e-5, atol=1e-6)

@@ -31,6 +31,22 @@ def test_config_validates(module, arg):
   config_validation.validate(config, training=True)
 
 
+def test_score_term_grid_is_checked():
+  """Each entry of the score terms' grid is an increasing tuple of numbers >= 0, and only the
+  terms' own entries may be set."""
+  config = tiny.get_config()
+  config.score_term_grid = {"item_item": {"reg": (100.0, 500.0)}}
+  config_validation.validate(config)
+  config.score_term_grid = {"item_item": {"reg": (500.0, 100.0), "decay": (0.5,)},
+                            "transition": {"weight": ()}}
+  with pytest.raises(config_validation.ConfigError) as error:
+    config_validation.validate(config)
+  for problem in ("score_term_grid.item_item.reg must be a non-empty increasing tuple",
+                  "unknown key 'score_term_grid.item_item.decay'",
+                  "score_term_grid.transition.weight must be a non-empty increasing tuple"):
+    assert problem in str(error.value)
+
+
 def test_dot_recipe_builds_its_model():
   config = movielens.get_config("size=small,recipe=dot")
   assert movielens.get_config("size=small").to_dict() == config.to_dict()   # the default

@@ -149,7 +149,8 @@ def fit_content_model(name: str, pdata: ProtocolData, base: ml_collections.Confi
   # beside the checkpoints for recommend and export.
   if score_terms.score_terms(trained.model):
     chooser, data = (None, fit) if len(fit.valid) else (selected.model, tune)
-    chosen = score_terms.choose_all(trained.model, data, config, chooser=chooser)
+    chosen = score_terms.choose_all(trained.model, data, config, chooser=chooser,
+                                    model_dataset=fit)
     score_terms.save(run_dir, chosen)
     info.update(chosen)
   catalogue = _with_catalogue(fit, pdata.catalogue, text_len).catalogue

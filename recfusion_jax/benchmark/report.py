@@ -14,6 +14,7 @@ import numpy as np
 import scipy.stats
 from etils import epath
 
+from recfusion_jax import score_terms
 from recfusion_jax.benchmark import registry
 from recfusion_jax.benchmark.registry import (ABLATION_GROUP, BASELINES, HEADLINE, RETRIEVAL,
                                               SAMPLED, SUBSETS)
@@ -169,6 +170,21 @@ def _repeated_fits(records: Sequence[Mapping[str, Any]], protocol: str
   return out
 
 
+def _chosen_terms(records: Sequence[Mapping[str, Any]], protocol: str) -> list[str]:
+  """One line per model of ``protocol`` whose fits chose score terms on valid after training:
+  each seed's settings (``score_terms.choose_all``), so the page says what its numbers used."""
+  by_model: dict[str, list[str]] = {}
+  for r in sorted(records, key=lambda r: (r["model"], r["seed"])):
+    info = r.get("info", {})
+    terms = [key for key in score_terms.SCORE_TERMS if isinstance(info.get(key), Mapping)]
+    if r["protocol"] == protocol and terms and not info.get("same_as"):
+      by_model.setdefault(r["model"], []).append(f"seed {r['seed']} " + ", ".join(
+          f"{key} " + " ".join(f"{name} {info[key][name]:g}"
+                               for name in score_terms.setting_names(key) if name in info[key])
+          for key in terms))
+  return [f"- {model}: " + "; ".join(seeds) for model, seeds in by_model.items()]
+
+
 def write_markdown(path: str | os.PathLike, results: Mapping[str, Any], opts: "Options",
                    machine: str, total_wall_s: float, plots: Sequence[str | os.PathLike],
                    paired: Mapping[str, Any] | None = None,
@@ -216,6 +232,10 @@ def write_markdown(path: str | os.PathLike, results: Mapping[str, Any], opts: "O
     skipped = [m for m in models if not registry.applies(m, protocol)]
     if skipped:
       lines += ["", f"Not applicable: {', '.join(skipped)}."]
+    chosen = _chosen_terms(records, protocol)
+    if chosen:
+      lines += ["", "Score terms chosen on valid after training (jointly, by the train-only "
+                "fit where the final fit has no valid split):", ""] + chosen
     repeats = _repeated_fits(records, protocol)
     if repeats:
       lines += ["", "The same config as another model here, trained once (its row repeats that "

@@ -31,7 +31,7 @@ the closed-form EASE, which is exactly such a W, leads every low-rank model (doc
            factors, the content and the gate then learn what the linear item-item model misses
            (a hybrid in the manner of EASE with side information).
   ease_fixed  the same W, not trained and not in training: its weight ``item_item_setting`` is
-           0 in training and chosen on valid after it (``score_terms.choose_score_term``),
+           0 in training and chosen on valid after it (``score_terms.choose_settings``),
            so the trained model is unchanged and the term is a blend at scoring time. Trained
            jointly (``ease``) the softmax overfits what it adds to W (docs/TUNING.md §9); set
            beside the finished model it adds what the factors miss (§28).
@@ -44,7 +44,7 @@ it has no per-position (causal) form.
 training timelines that go to i (``baselines.markov``, filled by ``train.fill_transition_prior``),
 and score(u, i) += weight * sum_k decay^(k-1) P[h_k(u), i] over the user's latest
 ``transition_window`` items. It is not trained: ``transition_setting`` = (weight, decay) is 0 in
-training and chosen on valid after it (``score_terms.choose_score_term``), a product of the
+training and chosen on valid after it (``score_terms.choose_settings``), a product of the
 trained model and the chain at scoring time. On MovieLens loo the chain holds the sequential
 signal of the last transition that SASRec reads and the pooled user misses (docs/TUNING.md §27).
 """

@@ -74,7 +74,7 @@ def load_workdir(config: Any, workdir: str | os.PathLike, step: int | None = Non
   dataset = sources.load_dataset(config)
   model, step = restore.restore_model(config, workdir, dataset, step=step)
   # The fixed score terms' weights, chosen on valid after training (score_terms.FILE).
-  terms = score_terms.apply_saved(model, workdir)
+  terms = score_terms.apply_saved(model, workdir, dataset, config)
   tokenizer, vocab = _text_context(config)
   context = {"item_names": item_names_for(config), "tokenizer": tokenizer,
              "text_vocab_size": vocab,
