@@ -125,7 +125,8 @@ def apply_recipe(config: ml_collections.ConfigDict, name: str) -> None:
       # NDCG@10 0.1045 against 0.1002 (seed 0), test HR@10 +0.03 on three seeds (§27).
       # EASE's closed form too, weighted on valid after training as on warm items: valid
       # NDCG@10 +0.002-0.005 at weight 0.25 on five seeds; on test no better than the chain
-      # alone under the one-after-the-other choice (HR@10 0.177 against 0.182, §30).
+      # alone under the one-after-the-other choice (HR@10 0.177 against 0.182, §30), nor under
+      # the joint choice with EASE's reg (0.176, §31: valid prefers reg 100-200, test 500).
       "loo": {"data": {"example": "next", "next_positions": 32}, "num_steps": 300,
               "model": {"history_fusion": "id", "transition": "markov",
                         "item_item": "ease_fixed",
@@ -141,7 +142,8 @@ def apply_recipe(config: ml_collections.ConfigDict, name: str) -> None:
                      "model": {"fusion": "mean"}},
       # Warm items: EASE's closed form beside the trained model, weighted on valid after
       # training (item_item=ease_fixed; trained jointly, §9, the softmax overfits it). Seed 0:
-      # RecFusion's valid NDCG@10 0.2063 -> 0.2135 at weight 1, test 0.3716 -> 0.3790 (§28).
+      # RecFusion's valid NDCG@10 0.2063 -> 0.2135 at weight 1, test 0.3716 -> 0.3790 (§28);
+      # its weight and reg chosen jointly, five seeds: 0.3817 against EASE 0.3735 (§31).
       # missing_modality scores the warm_ratio fit: the same fields.
       "warm_ratio": {"model": {"item_item": "ease_fixed"}},
       "missing_modality": {"model": {"item_item": "ease_fixed"}},
