@@ -178,11 +178,20 @@ rf_supervise() {
       elif ((status != 0 && status != RECFUSION_EXIT_PREEMPTED)) && [[ $stopping != peer ]] \
           && ((${#live[@]})); then
         # A dead peer leaves the others blocked in collectives: a short grace, then SIGKILL.
+        local peer_deadline=$((SECONDS + ${PEER_GRACE_S:-15}))
+        if [[ $stopping == signal ]]; then
+          # They were already sent the stop signal (forwarded, or after a peer's exit 75): a
+          # second one tells them nothing more; only the grace gets shorter.
+          ((peer_deadline < deadline)) && deadline=$peer_deadline
+          rf_log "${RF_NAME_OF[$done_pid]} ended with exit $status while the other" \
+            "${#live[@]} process(es) stop (SIGKILL in $((deadline - SECONDS)) s)"
+        else
+          deadline=$peer_deadline
+          rf_log "stopping the other ${#live[@]} process(es) because ${RF_NAME_OF[$done_pid]}" \
+            "ended with exit $status (SIGTERM now, SIGKILL after ${PEER_GRACE_S:-15} s)"
+          for pid in "${live[@]}"; do kill -s TERM "$pid" 2>/dev/null || true; done
+        fi
         stopping=peer
-        deadline=$((SECONDS + ${PEER_GRACE_S:-15}))
-        rf_log "stopping the other ${#live[@]} process(es) because ${RF_NAME_OF[$done_pid]}" \
-          "ended with exit $status (SIGTERM now, SIGKILL after ${PEER_GRACE_S:-15} s)"
-        for pid in "${live[@]}"; do kill -s TERM "$pid" 2>/dev/null || true; done
       fi
       rf_sweep_group "$done_pid"  # after warning the others: it may take SWEEP_GRACE_S
     done
