@@ -210,6 +210,42 @@ def test_merged_wall_time_counts_overlapping_runs_once():
   assert wall_s == pytest.approx(25.0) and "1 of 4 runs carry no start and end times" in note
 
 
+def test_merge_counts_a_repeated_record_once_and_refuses_a_conflicting_one(tmp_path):
+  """Shard files gathered from two workdirs may both hold a run: the merge's means and seed
+  counts are those of the files without the repeat, the page says how many were dropped, and
+  a repeat whose metrics differ stops the merge."""
+  def record(model, seed, ndcg):
+    return {"protocol": "warm_ratio", "model": model, "seed": seed,
+            "metrics": {"NDCG@10": ndcg, "HR@10": 2 * ndcg}, "wall_s": 1.0,
+            "started_at": 10.0 * seed, "finished_at": 10.0 * seed + 1.0, "info": {}}
+  first = [record("popularity", s, 0.1 + s / 100) for s in range(3)]
+  second = [record("RecFusion", s, 0.3 + s / 100) for s in range(3)]
+  args = ["--models", "popularity,RecFusion", "--protocols", "warm_ratio", "--seeds", "0,1,2"]
+
+  def merge(name, *shards):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    for k, rows in enumerate(shards):
+      (workdir / f"results_per_seed.shard{k}of{len(shards)}.x.jsonl").write_text(
+          "".join(json.dumps(r) + "\n" for r in rows))
+    return runner.run_benchmark(_cli(str(workdir), "--merge", *args)[0]), workdir
+
+  alone, _ = merge("alone", first, second)
+  # A third file repeating popularity's seed 1 (equal up to float noise) and RecFusion's seed 2.
+  repeat = [dict(first[1], metrics={k: v + 1e-9 for k, v in first[1]["metrics"].items()}),
+            second[2]]
+  merged, workdir = merge("repeated", first, second, repeat)
+  assert merged == alone
+  assert merged["warm_ratio"]["popularity"]["num_seeds"] == 3
+  assert merged["warm_ratio"]["popularity"]["NDCG@10"] == pytest.approx(0.11)
+  assert "2 records repeated in two shard files" in (workdir / "RESULTS.md").read_text()
+  with open(workdir / "results_per_seed.jsonl") as f:
+    assert len(f.readlines()) == 6
+  conflict = [dict(second[0], metrics={"NDCG@10": 0.5, "HR@10": 1.0})]
+  with pytest.raises(ValueError, match=r"'RecFusion', 0\) appears twice with different"):
+    merge("conflict", first, second, conflict)
+
+
 def test_results_page_lists_the_score_terms_each_seed_chose():
   """RESULTS.md's line of chosen score terms: per model and seed, in setting order, for the
   protocol's own runs only; a run that reuses another model's fit is not listed twice."""

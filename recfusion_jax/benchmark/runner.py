@@ -261,8 +261,15 @@ def _merge_shards(opts: Options, machine: str) -> dict[str, Any]:
     raise FileNotFoundError(f"no results_per_seed.shard*.jsonl in {opts.workdir}")
   records: list[dict[str, Any]] = []
   for path in paths:
-    records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records += [dict(json.loads(line), shard_file=path.name)
+                for line in path.read_text().splitlines() if line.strip()]
+  records, repeated = drop_repeated_records(records)
   wall_s, wall_note = merged_wall_time(records)
+  if repeated:
+    logging.warning("merge: %d records repeated in two shard files with equal metrics, "
+                    "counted once", repeated)
+    wall_note += (f"; {repeated} records repeated in two shard files with equal metrics, "
+                  "counted once")
   commands = []
   for path in sorted(workdir.glob("command.shard*.txt")):
     commands.append(path.read_text().strip())
@@ -270,6 +277,32 @@ def _merge_shards(opts: Options, machine: str) -> dict[str, Any]:
   merged = dataclasses.replace(opts, shard=(0, 1),
                                command=" & ".join(commands + [opts.command]))
   return _write_outputs(merged, records, machine, wall_s, plots=True, wall_note=wall_note)
+
+
+def drop_repeated_records(records: Sequence[Mapping[str, Any]],
+                          atol: float = 1e-6) -> tuple[list[Mapping[str, Any]], int]:
+  """(records with each (protocol, model, seed) once, how many repeats were dropped).
+
+  Shard files gathered from several workdirs can hold the same run twice (say the reference
+  model restored in two invocations). Counting both would add a seed to the mean and to the
+  paired interval, so a repeat with the same metrics (to ``atol``) is dropped and counted,
+  and one whose metrics differ is an error: which of the two is the result is not ours to pick.
+  """
+  kept: dict[tuple[str, str, int], Mapping[str, Any]] = {}
+  repeated = 0
+  for record in records:
+    key = (record["protocol"], record["model"], record["seed"])
+    if key not in kept:
+      kept[key] = record
+      continue
+    first, second = kept[key]["metrics"], record["metrics"]
+    if first.keys() != second.keys() or any(
+        not np.isclose(first[k], second[k], rtol=0.0, atol=atol, equal_nan=True) for k in first):
+      raise ValueError(
+          f"{key} appears twice with different metrics ({kept[key].get('shard_file', '?')}, "
+          f"{record.get('shard_file', '?')}): remove one of the two records before merging")
+    repeated += 1
+  return list(kept.values()), repeated
 
 
 def merged_wall_time(records: Sequence[Mapping[str, Any]]) -> tuple[float, str]:
