@@ -266,10 +266,9 @@ def _merge_shards(opts: Options, machine: str) -> dict[str, Any]:
   records, repeated = drop_repeated_records(records)
   wall_s, wall_note = merged_wall_time(records)
   if repeated:
-    logging.warning("merge: %d records repeated in two shard files with equal metrics, "
-                    "counted once", repeated)
-    wall_note += (f"; {repeated} records repeated in two shard files with equal metrics, "
-                  "counted once")
+    note = f"{repeated} records repeated in two shard files with equal metrics, counted once"
+    logging.warning("merge: %s", note)
+    wall_note += f"; {note}"
   commands = []
   for path in sorted(workdir.glob("command.shard*.txt")):
     commands.append(path.read_text().strip())
